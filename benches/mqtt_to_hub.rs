@@ -1,0 +1,1681 @@
+//! QoS 1 MQTT → NATS hub: relaybox against the two nats-server setups users would pick instead.
+//!
+//! Run with `cargo bench --bench mqtt_to_hub` (cargo builds `target/release/relaybox` first, with
+//! the release settings). This is a command that prints figures, not a test: nothing here passes
+//! or fails on speed. It fails only when a scenario cannot run (a server does not start, messages
+//! stop arriving), and then it says why and shows the last log lines of the servers involved.
+//!
+//! Every scenario starts from nothing: a fresh hub (nats-server with JetStream, domain `hub`), a
+//! fresh system under test with a fresh data directory, so that peak RSS (VmHWM) and bytes written
+//! (`/proc/PID/io` `write_bytes`) belong to that scenario alone. The systems:
+//!
+//! - `relaybox`: `relaybox run --config FILE`, exporting `bench/#` to the hub with JetStream
+//!   publish; relaybox creates the hub stream `BENCH` over `bench.>`.
+//! - `leaf` (a): a stock nats-server leaf node of the hub with MQTT enabled (and so JetStream, in
+//!   its own domain `leaf`); the hub stream `BENCH` captures `bench.>`, which reaches the hub over
+//!   the leaf link. Nothing is kept at the edge: an uplink outage loses messages.
+//! - `sourced` (b): the same leaf plus the durable setup NATS documents: a leaf stream `EDGE` over
+//!   `bench.>`, and a hub stream `BENCH` that sources it across domains (`$JS.leaf.API`).
+//!
+//! Publishers are rumqttc clients (MQTT 3.1.1, QoS 1, a window of unacknowledged publishes), one
+//! topic `bench/p<i>` each, and every payload carries publisher, sequence and send time. The
+//! arrival point is the same for all three systems: an ordered JetStream consumer on the hub
+//! stream `BENCH`, so a message has arrived when the hub has stored it and delivered it back.
+//!
+//! Settings come from `BENCH_*` environment variables or `--flags` after `--`; see [`USAGE`].
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use async_nats::jetstream::{self, consumer, stream};
+use futures::StreamExt;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const USAGE: &str = "\
+mqtt_to_hub: QoS 1 MQTT -> NATS hub throughput, latency, peak RSS and disk bytes per message
+
+usage: cargo bench --bench mqtt_to_hub [-- FLAGS]
+
+  --messages N       messages per scenario, over all publishers   BENCH_MESSAGES   (100000)
+  --payload BYTES    payload size, at least 24                     BENCH_PAYLOAD    (64)
+  --publishers LIST  publisher counts, comma separated             BENCH_PUBLISHERS (1,4)
+  --systems LIST     relaybox,leaf,sourced (or r,a,b)              BENCH_SYSTEMS    (all three)
+  --inflight N       unacknowledged QoS 1 publishes per publisher  BENCH_INFLIGHT   (100)
+  --rate N           total publish rate in msg/s, 0 = flat out     BENCH_RATE       (0)
+  --timeout SECS     limit for one scenario's measurement          BENCH_TIMEOUT    (300)
+  --stall SECS       abort when nothing is acked or arrives        BENCH_STALL      (30)
+  --repeat N         runs per scenario; the median (by hub msg/s)  BENCH_REPEAT     (1)
+                     is reported
+  --keep             keep data directories and logs                BENCH_KEEP       (unset)
+
+  BENCH_RELAYBOX     relaybox binary (default: the one cargo just built, target/release/relaybox)
+  BENCH_NATS_SERVER  nats-server binary (default: nats-server on PATH, else /usr/sbin/nats-server)
+  BENCH_TMPDIR       where data directories go (default: target/bench-tmp; use a real disk, not
+                     tmpfs, or write_bytes means nothing)
+  BENCH_RELAYBOX_LOG RUST_LOG for relaybox (default: warn)
+";
+
+/// Magic at the start of every measured payload; the warm-up probe uses another one.
+const MAGIC: &[u8; 4] = b"RBB1";
+const PROBE_MAGIC: &[u8; 4] = b"RBWU";
+/// magic (4) + publisher (4) + sequence (8) + send time in ns since the bench started (8).
+const HEADER_LEN: usize = 24;
+const HUB_STREAM: &str = "BENCH";
+const LEAF_STREAM: &str = "EDGE";
+const LEAF_DOMAIN: &str = "leaf";
+const HUB_DOMAIN: &str = "hub";
+/// How long a server may take to accept connections, and the leaf to reach the hub.
+const START_LIMIT: Duration = Duration::from_secs(30);
+/// How long the warm-up probe may take to reach the hub stream through the whole path.
+const PROBE_LIMIT: Duration = Duration::from_secs(60);
+/// Wait after the last arrival before reading `/proc`, so deferred writes (deleting delivered
+/// records, consumer state) count for every system alike.
+const SETTLE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum System {
+    Relaybox,
+    Leaf,
+    Sourced,
+}
+
+impl System {
+    fn parse(s: &str) -> Result<System> {
+        match s.trim() {
+            "relaybox" | "r" => Ok(System::Relaybox),
+            "leaf" | "a" => Ok(System::Leaf),
+            "sourced" | "b" => Ok(System::Sourced),
+            other => bail!("unknown system {other:?} (relaybox, leaf, sourced or r, a, b)"),
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            System::Relaybox => "relaybox",
+            System::Leaf => "(a) nats leaf + MQTT",
+            System::Sourced => "(b) leaf + sourced stream",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Settings {
+    messages: usize,
+    payload: usize,
+    publishers: Vec<usize>,
+    systems: Vec<System>,
+    inflight: u16,
+    rate: u64,
+    timeout: Duration,
+    stall: Duration,
+    repeat: usize,
+    keep: bool,
+    relaybox: PathBuf,
+    relaybox_log: String,
+    nats_server: PathBuf,
+    tmp_root: PathBuf,
+}
+
+impl Settings {
+    fn load() -> Result<Settings> {
+        let raw = |name: &str| std::env::var(name).ok();
+        let mut messages = raw("BENCH_MESSAGES");
+        let mut payload = raw("BENCH_PAYLOAD");
+        let mut publishers = raw("BENCH_PUBLISHERS");
+        let mut systems = raw("BENCH_SYSTEMS");
+        let mut inflight = raw("BENCH_INFLIGHT");
+        let mut rate = raw("BENCH_RATE");
+        let mut timeout = raw("BENCH_TIMEOUT");
+        let mut stall = raw("BENCH_STALL");
+        let mut repeat = raw("BENCH_REPEAT");
+        let mut keep = raw("BENCH_KEEP").is_some_and(|v| !v.is_empty() && v != "0");
+
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
+                None => (arg.clone(), None),
+            };
+            let slot = match flag.as_str() {
+                // cargo bench passes --bench to harness = false targets.
+                "--bench" => continue,
+                "--keep" => {
+                    keep = true;
+                    continue;
+                }
+                "--help" | "-h" => {
+                    print!("{USAGE}");
+                    std::process::exit(0);
+                }
+                "--messages" => &mut messages,
+                "--payload" => &mut payload,
+                "--publishers" => &mut publishers,
+                "--systems" => &mut systems,
+                "--inflight" => &mut inflight,
+                "--rate" => &mut rate,
+                "--timeout" => &mut timeout,
+                "--stall" => &mut stall,
+                "--repeat" => &mut repeat,
+                other => bail!("unknown argument {other:?}\n\n{USAGE}"),
+            };
+            let value = match inline {
+                Some(v) => v,
+                None => args.next().ok_or_else(|| anyhow!("{flag} needs a value"))?,
+            };
+            *slot = Some(value);
+        }
+
+        fn num<T: std::str::FromStr>(what: &str, v: Option<String>, default: T) -> Result<T> {
+            match v {
+                None => Ok(default),
+                Some(s) => s
+                    .trim()
+                    .replace('_', "")
+                    .parse()
+                    .map_err(|_| anyhow!("{what}: {s:?} is not a number")),
+            }
+        }
+
+        let messages: usize = num("messages", messages, 100_000)?;
+        let payload: usize = num("payload", payload, 64)?;
+        let publishers: Vec<usize> = publishers
+            .unwrap_or_else(|| "1,4".to_owned())
+            .split(',')
+            .map(|p| num("publishers", Some(p.to_owned()), 0))
+            .collect::<Result<_>>()?;
+        let systems: Vec<System> = systems
+            .unwrap_or_else(|| "relaybox,leaf,sourced".to_owned())
+            .split(',')
+            .map(System::parse)
+            .collect::<Result<_>>()?;
+        if payload < HEADER_LEN {
+            bail!("payload must be at least {HEADER_LEN} bytes: it carries publisher, sequence and send time");
+        }
+        if publishers.iter().any(|&p| p == 0 || p > messages) {
+            bail!("every publisher count must be between 1 and the message count ({messages})");
+        }
+
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let relaybox = std::env::var_os("BENCH_RELAYBOX")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_relaybox")));
+        let nats_server = std::env::var_os("BENCH_NATS_SERVER")
+            .map(PathBuf::from)
+            .or_else(|| find_on_path("nats-server"))
+            .unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"));
+        let tmp_root = std::env::var_os("BENCH_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| manifest.join("target").join("bench-tmp"));
+
+        Ok(Settings {
+            messages,
+            payload,
+            publishers,
+            systems,
+            inflight: num("inflight", inflight, 100)?,
+            rate: num("rate", rate, 0)?,
+            timeout: Duration::from_secs(num("timeout", timeout, 300)?),
+            stall: Duration::from_secs(num("stall", stall, 30)?),
+            repeat: num("repeat", repeat, 1)?.max(1),
+            keep,
+            relaybox,
+            relaybox_log: std::env::var("BENCH_RELAYBOX_LOG").unwrap_or_else(|_| "warn".into()),
+            nats_server,
+            tmp_root,
+        })
+    }
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes and what /proc says about them
+// ---------------------------------------------------------------------------------------------
+
+/// A server started by the bench. Stopped (TERM, then KILL after 5 s) when dropped, and killed by
+/// the kernel if the bench itself dies, so that no run leaves servers behind.
+struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(
+        name: &'static str,
+        program: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        log: PathBuf,
+    ) -> Result<Proc> {
+        let out = fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        // SAFETY: the closure runs between fork and exec and calls only prctl, which is
+        // async-signal-safe and allocates nothing. The servers are spawned from the main thread
+        // (the one running `block_on`), which lives as long as the bench, so the parent-death
+        // signal fires only when the bench process is gone.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({})", program.display()))?;
+        Ok(Proc { name, child, log })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn ensure_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} exited unexpectedly ({status})", self.name);
+        }
+        Ok(())
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let Ok(file) = fs::File::open(&self.log) else {
+            return String::new();
+        };
+        let all: Vec<String> = BufReader::new(file).lines().map_while(|l| l.ok()).collect();
+        let start = all.len().saturating_sub(lines);
+        let mut out = format!(
+            "--- last lines of {} log ({}):\n",
+            self.name,
+            self.log.display()
+        );
+        for line in &all[start..] {
+            out.push_str("    ");
+            out.push_str(line);
+            out.push('\n');
+        }
+        out
+    }
+
+    fn stop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        // The pid is our own child, not yet reaped, so it cannot have been reused.
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) with a valid pid and signal number has no memory-safety conditions.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "{} did not stop within 5 s of SIGTERM; killing it",
+            self.name
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Io {
+    write_bytes: u64,
+    cancelled_write_bytes: u64,
+}
+
+fn proc_field(path: &str, key: &str) -> Result<u64> {
+    let text = fs::read_to_string(path).with_context(|| format!("read {path}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow!("{path} has no {key} line"))
+}
+
+fn read_io(pid: u32) -> Result<Io> {
+    let path = format!("/proc/{pid}/io");
+    Ok(Io {
+        write_bytes: proc_field(&path, "write_bytes:")?,
+        cancelled_write_bytes: proc_field(&path, "cancelled_write_bytes:")?,
+    })
+}
+
+fn vm_hwm_kib(pid: u32) -> Result<u64> {
+    proc_field(&format!("/proc/{pid}/status"), "VmHWM:")
+}
+
+/// Ports for the servers: free ones below the kernel's ephemeral range, so that no outgoing
+/// connection (the bench's own, the leaf link, anything else on the machine) takes one of them
+/// between now and the server binding it. All are held until all are chosen, so they differ.
+fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let range = 10_000..ephemeral_low.max(10_001);
+    let mut held = Vec::with_capacity(N);
+    for _ in 0..1000 {
+        if held.len() == N {
+            break;
+        }
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", rand::random_range(range.clone()))) {
+            held.push(l);
+        }
+    }
+    while held.len() < N {
+        held.push(TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0 to choose a port")?);
+    }
+    let mut ports = [0u16; N];
+    for (port, l) in ports.iter_mut().zip(&held) {
+        *port = l.local_addr()?.port();
+    }
+    Ok(ports)
+}
+
+async fn wait_for_port(port: u16, procs: &mut [&mut Proc], what: &str) -> Result<()> {
+    let deadline = Instant::now() + START_LIMIT;
+    loop {
+        for p in procs.iter_mut() {
+            p.ensure_running()?;
+        }
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what} did not accept connections on 127.0.0.1:{port} within {START_LIMIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The systems
+// ---------------------------------------------------------------------------------------------
+
+/// One scenario's servers. Field order is drop order: the system under test stops before the hub.
+struct Rig {
+    sut: Proc,
+    hub: Proc,
+    hub_client: async_nats::Client,
+    mqtt_port: u16,
+    /// relaybox's admin port (its `/metrics`); for the leaf, its NATS client port.
+    sut_port: u16,
+    dir: TempDir,
+}
+
+impl Rig {
+    fn logs(&self) -> String {
+        format!("{}{}", self.sut.log_tail(25), self.hub.log_tail(10))
+    }
+
+    fn ensure_running(&mut self) -> Result<()> {
+        self.sut.ensure_running()?;
+        self.hub.ensure_running()
+    }
+}
+
+async fn connect_nats(port: u16) -> Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .request_timeout(Some(Duration::from_secs(10)))
+        .connect(format!("nats://127.0.0.1:{port}"))
+        .await
+        .with_context(|| format!("connect to nats-server on 127.0.0.1:{port}"))
+}
+
+async fn start_rig(system: System, settings: &Settings, logs: &mut String) -> Result<Rig> {
+    fs::create_dir_all(&settings.tmp_root)
+        .with_context(|| format!("create {}", settings.tmp_root.display()))?;
+    let dir = tempfile::Builder::new()
+        .prefix("mqtt_to_hub-")
+        .tempdir_in(&settings.tmp_root)?;
+    let [hub_port, hub_leaf_port, sut_port, mqtt_port] = free_ports::<4>()?;
+    // relaybox's admin endpoint; the leaf servers use `sut_port` for NATS clients instead.
+    let admin_port = sut_port;
+
+    let hub_conf = dir.path().join("hub.conf");
+    fs::write(
+        &hub_conf,
+        format!(
+            "server_name: hub\nlisten: \"127.0.0.1:{hub_port}\"\n\
+             jetstream {{ store_dir: {:?}, domain: {HUB_DOMAIN} }}\n\
+             leafnodes {{ listen: \"127.0.0.1:{hub_leaf_port}\" }}\n",
+            dir.path().join("hub-js")
+        ),
+    )?;
+    let mut hub = Proc::spawn(
+        "hub nats-server",
+        &settings.nats_server,
+        &["-c", path_str(&hub_conf)?],
+        &[],
+        dir.path().join("hub.log"),
+    )?;
+    let hub_client = match wait_for_port(hub_port, &mut [&mut hub], "the hub").await {
+        Ok(()) => connect_nats(hub_port).await,
+        Err(e) => Err(e),
+    };
+    let hub_client = match hub_client {
+        Ok(c) => c,
+        Err(e) => {
+            logs.push_str(&hub.log_tail(20));
+            return Err(e);
+        }
+    };
+    let hub_js = jetstream::new(hub_client.clone());
+
+    let mut sut = match system {
+        System::Relaybox => {
+            let conf = dir.path().join("relaybox.toml");
+            fs::write(
+                &conf,
+                format!(
+                    "[relay]\nname = \"bench\"\ndata_dir = {:?}\n\n\
+                     [mqtt]\nlisten = \"127.0.0.1:{mqtt_port}\"\nallow_anonymous = true\n\n\
+                     [uplink]\nurl = \"nats://127.0.0.1:{hub_port}\"\nsubject_prefix = \"bench\"\n\
+                     mode = \"jetstream\"\nstream = \"{HUB_STREAM}\"\ncreate_stream = true\n\n\
+                     [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n\
+                     [[export]]\nfilter = \"bench/#\"\n",
+                    dir.path().join("relaybox-data")
+                ),
+            )?;
+            if !settings.relaybox.is_file() {
+                bail!(
+                    "relaybox binary not found at {} (run `cargo build --release`, or set BENCH_RELAYBOX)",
+                    settings.relaybox.display()
+                );
+            }
+            Proc::spawn(
+                "relaybox",
+                &settings.relaybox,
+                &["run", "--config", path_str(&conf)?],
+                &[("RUST_LOG", settings.relaybox_log.as_str())],
+                dir.path().join("relaybox.log"),
+            )?
+        }
+        System::Leaf | System::Sourced => {
+            let conf = dir.path().join("leaf.conf");
+            fs::write(
+                &conf,
+                format!(
+                    "server_name: leaf\nlisten: \"127.0.0.1:{sut_port}\"\n\
+                     jetstream {{ store_dir: {:?}, domain: {LEAF_DOMAIN} }}\n\
+                     leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{hub_leaf_port}\" }} ] }}\n\
+                     mqtt {{ listen: \"127.0.0.1:{mqtt_port}\" }}\n",
+                    dir.path().join("leaf-js")
+                ),
+            )?;
+            Proc::spawn(
+                "leaf nats-server",
+                &settings.nats_server,
+                &["-c", path_str(&conf)?],
+                &[],
+                dir.path().join("leaf.log"),
+            )?
+        }
+    };
+
+    // From here on a failure shows the servers' logs.
+    let ready = async {
+        wait_for_port(mqtt_port, &mut [&mut sut, &mut hub], "the MQTT listener").await?;
+        if system != System::Relaybox {
+            wait_for_leaf(&hub_client).await?;
+        }
+        match system {
+            System::Relaybox => {}
+            System::Leaf => {
+                hub_js
+                    .create_stream(stream::Config {
+                        name: HUB_STREAM.into(),
+                        subjects: vec!["bench.>".into()],
+                        storage: stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                    .context("create the hub stream")?;
+            }
+            System::Sourced => {
+                let leaf_js = jetstream::new(connect_nats(sut_port).await?);
+                leaf_js
+                    .create_stream(stream::Config {
+                        name: LEAF_STREAM.into(),
+                        subjects: vec!["bench.>".into()],
+                        storage: stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                    .context("create the leaf stream")?;
+                hub_js
+                    .create_stream(stream::Config {
+                        name: HUB_STREAM.into(),
+                        storage: stream::StorageType::File,
+                        sources: Some(vec![stream::Source {
+                            name: LEAF_STREAM.into(),
+                            external: Some(stream::External {
+                                api_prefix: format!("$JS.{LEAF_DOMAIN}.API"),
+                                delivery_prefix: None,
+                            }),
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    })
+                    .await
+                    .context("create the hub stream that sources the leaf stream")?;
+            }
+        }
+        warm_up(mqtt_port, &hub_js, &mut [&mut sut, &mut hub]).await
+    };
+    if let Err(e) = ready.await {
+        logs.push_str(&sut.log_tail(25));
+        logs.push_str(&hub.log_tail(10));
+        return Err(e);
+    }
+    Ok(Rig {
+        sut,
+        hub,
+        hub_client,
+        mqtt_port,
+        sut_port,
+        dir,
+    })
+}
+
+fn path_str(p: &Path) -> Result<&str> {
+    p.to_str()
+        .ok_or_else(|| anyhow!("path {} is not UTF-8", p.display()))
+}
+
+/// The leaf is linked when the hub can reach the leaf's JetStream through its domain prefix.
+/// (A raw request: async-nats 0.51 cannot parse nats-server 2.9's account info reply.)
+async fn wait_for_leaf(hub_client: &async_nats::Client) -> Result<()> {
+    let subject = format!("$JS.{LEAF_DOMAIN}.API.INFO");
+    let deadline = Instant::now() + START_LIMIT;
+    loop {
+        let last = match tokio::time::timeout(
+            Duration::from_secs(2),
+            hub_client.request(subject.clone(), bytes::Bytes::new()),
+        )
+        .await
+        {
+            Ok(Ok(reply)) => {
+                let text = String::from_utf8_lossy(&reply.payload);
+                if text.contains("account_info_response") && !text.contains("\"error\"") {
+                    return Ok(());
+                }
+                format!("reply {text}")
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no reply within 2 s".to_owned(),
+        };
+        if Instant::now() > deadline {
+            bail!("the leaf's JetStream is not reachable from the hub on {subject}: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Publishes a probe with QoS 1 until one is stored in the hub stream: proves the whole path
+/// (listener, export, uplink or leaf link, sourcing, stream) before anything is measured.
+async fn warm_up(
+    mqtt_port: u16,
+    hub_js: &jetstream::Context,
+    procs: &mut [&mut Proc],
+) -> Result<()> {
+    let deadline = Instant::now() + PROBE_LIMIT;
+    let mut last = String::from("no probe was sent");
+    while Instant::now() < deadline {
+        for p in procs.iter_mut() {
+            p.ensure_running()?;
+        }
+        if let Err(e) = publish_probe(mqtt_port).await {
+            last = format!("probe publish failed: {e:#}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            match hub_js.get_stream(HUB_STREAM).await {
+                Ok(s) => match s.get_info().await {
+                    Ok(info) if info.state.messages > 0 => return Ok(()),
+                    Ok(_) => last = format!("hub stream {HUB_STREAM} exists but is empty"),
+                    Err(e) => last = format!("hub stream {HUB_STREAM} info: {e}"),
+                },
+                Err(e) => last = format!("hub stream {HUB_STREAM}: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    bail!("no warm-up probe reached the hub stream within {PROBE_LIMIT:?} (last: {last})")
+}
+
+/// Publishers write without Nagle's delay (rumqttc's default keeps it), so that the client
+/// adds no waiting of its own to what the servers are measured on.
+fn nodelay() -> rumqttc::NetworkOptions {
+    let mut options = rumqttc::NetworkOptions::new();
+    options.set_tcp_nodelay(true);
+    options
+}
+
+async fn publish_probe(mqtt_port: u16) -> Result<()> {
+    let mut opts = MqttOptions::new("bench-probe", "127.0.0.1", mqtt_port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut events) = AsyncClient::new(opts, 10);
+    events.set_network_options(nodelay());
+    let mut payload = PROBE_MAGIC.to_vec();
+    payload.resize(HEADER_LEN, 0);
+    client
+        .publish("bench/warmup", QoS::AtLeastOnce, false, payload)
+        .await?;
+    let acked = async {
+        loop {
+            match events.poll().await? {
+                Event::Incoming(Packet::PubAck(_)) => return Ok::<_, anyhow::Error>(()),
+                _ => continue,
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), acked)
+        .await
+        .map_err(|_| anyhow!("no PUBACK within 5 s"))??;
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measuring
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Default)]
+struct Progress {
+    acked: AtomicUsize,
+    arrived: AtomicUsize,
+    /// The first error of a publisher task, for the watchdog to report.
+    failure: Mutex<Option<anyhow::Error>>,
+}
+
+impl Progress {
+    fn fail(&self, e: anyhow::Error) {
+        let mut slot = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(e);
+    }
+
+    fn take_failure(&self) -> Option<anyhow::Error> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+/// Which global index each publisher's sequence numbers start at.
+struct Layout {
+    starts: Vec<usize>,
+    total: usize,
+}
+
+impl Layout {
+    fn new(total: usize, publishers: usize) -> Layout {
+        let mut starts = Vec::with_capacity(publishers + 1);
+        let mut at = 0;
+        for i in 0..publishers {
+            starts.push(at);
+            at += total / publishers + usize::from(i < total % publishers);
+        }
+        starts.push(at);
+        Layout { starts, total }
+    }
+
+    fn count(&self, publisher: usize) -> usize {
+        self.starts[publisher + 1] - self.starts[publisher]
+    }
+}
+
+struct Arrivals {
+    latencies_ns: Vec<u64>,
+    duplicates: usize,
+    foreign: usize,
+    consumer_errors: usize,
+    last_arrival_ns: u64,
+}
+
+fn now_ns(base: Instant) -> u64 {
+    base.elapsed().as_nanos() as u64
+}
+
+async fn collect(
+    mut messages: consumer::pull::Ordered,
+    layout: Arc<Layout>,
+    base: Instant,
+    progress: Arc<Progress>,
+    stop: CancellationToken,
+) -> Arrivals {
+    let mut seen = vec![false; layout.total];
+    let mut out = Arrivals {
+        latencies_ns: Vec::with_capacity(layout.total),
+        duplicates: 0,
+        foreign: 0,
+        consumer_errors: 0,
+        last_arrival_ns: 0,
+    };
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            next = messages.next() => next,
+        };
+        let msg = match next {
+            None => break,
+            Some(Err(_)) => {
+                // The ordered consumer recreates itself after a gap; count it and go on.
+                out.consumer_errors += 1;
+                continue;
+            }
+            Some(Ok(msg)) => msg,
+        };
+        let now = now_ns(base);
+        let p = &msg.payload;
+        if p.len() < HEADER_LEN || &p[..4] != MAGIC {
+            if &p[..4.min(p.len())] != PROBE_MAGIC {
+                out.foreign += 1;
+            }
+            continue;
+        }
+        let publisher = u32::from_be_bytes(p[4..8].try_into().unwrap_or_default()) as usize;
+        let seq = u64::from_be_bytes(p[8..16].try_into().unwrap_or_default()) as usize;
+        let sent = u64::from_be_bytes(p[16..24].try_into().unwrap_or_default());
+        if publisher + 1 >= layout.starts.len() || seq >= layout.count(publisher) {
+            out.foreign += 1;
+            continue;
+        }
+        let index = layout.starts[publisher] + seq;
+        if seen[index] {
+            out.duplicates += 1;
+            continue;
+        }
+        seen[index] = true;
+        out.latencies_ns.push(now.saturating_sub(sent));
+        out.last_arrival_ns = now;
+        if progress.arrived.fetch_add(1, Ordering::Relaxed) + 1 == layout.total {
+            break;
+        }
+    }
+    out
+}
+
+/// What one publisher's connection saw.
+struct Acks {
+    /// When the last PUBACK came, in ns since the bench started.
+    last_ns: u64,
+    /// From each `publish` call to its PUBACK.
+    latencies_ns: Vec<u64>,
+}
+
+/// Drives one publisher's MQTT connection: reports the CONNACK and times the PUBACKs. QoS 1
+/// PUBACKs come in publish order on one connection, so the k-th PUBACK answers publish k.
+async fn drive(
+    mut events: EventLoop,
+    publisher: usize,
+    sent: Arc<Vec<AtomicU64>>,
+    connected: oneshot::Sender<()>,
+    base: Instant,
+    progress: Arc<Progress>,
+) -> Result<Acks> {
+    let expected = sent.len();
+    let mut connected = Some(connected);
+    let mut acks = 0;
+    let mut latencies_ns = Vec::with_capacity(expected);
+    loop {
+        match events.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if let Some(tx) = connected.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                let now = now_ns(base);
+                if let Some(at) = sent.get(acks) {
+                    latencies_ns.push(now.saturating_sub(at.load(Ordering::Acquire)));
+                }
+                acks += 1;
+                progress.acked.fetch_add(1, Ordering::Relaxed);
+                if acks == expected {
+                    return Ok(Acks {
+                        last_ns: now,
+                        latencies_ns,
+                    });
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let e = anyhow!(
+                    "publisher {publisher}: MQTT connection failed after {acks} PUBACKs: {e}"
+                );
+                progress.fail(anyhow!("{e}"));
+                return Err(e);
+            }
+        }
+    }
+}
+
+async fn publish_all(
+    client: AsyncClient,
+    publisher: usize,
+    sent: Arc<Vec<AtomicU64>>,
+    payload_len: usize,
+    interval: Option<Duration>,
+    base: Instant,
+    progress: Arc<Progress>,
+) -> Result<()> {
+    let topic = format!("bench/p{publisher}");
+    let mut ticker = interval.map(|i| {
+        let mut t = tokio::time::interval(i);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    for (seq, sent_at) in sent.iter().enumerate() {
+        if let Some(t) = ticker.as_mut() {
+            t.tick().await;
+        }
+        let mut payload = Vec::with_capacity(payload_len);
+        payload.extend_from_slice(MAGIC);
+        payload.extend_from_slice(&(publisher as u32).to_be_bytes());
+        payload.extend_from_slice(&(seq as u64).to_be_bytes());
+        let now = now_ns(base);
+        sent_at.store(now, Ordering::Release);
+        payload.extend_from_slice(&now.to_be_bytes());
+        payload.resize(payload_len, b'x');
+        if let Err(e) = client
+            .publish(topic.as_str(), QoS::AtLeastOnce, false, payload)
+            .await
+        {
+            let e = anyhow!("publisher {publisher}: publish {seq} failed: {e}");
+            progress.fail(anyhow!("{e}"));
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    system: System,
+    publishers: usize,
+    acked_per_s: f64,
+    hub_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    ack_p50_ms: f64,
+    ack_p99_ms: f64,
+    rss_mib: f64,
+    disk_per_msg: f64,
+    cancelled_per_msg: f64,
+    duplicates: usize,
+    notes: Vec<String>,
+}
+
+struct Running {
+    layout: Arc<Layout>,
+    progress: Arc<Progress>,
+    stop: CancellationToken,
+    collector: JoinHandle<Arrivals>,
+    drivers: Vec<JoinHandle<Result<Acks>>>,
+    senders: Vec<JoinHandle<Result<()>>>,
+}
+
+impl Running {
+    fn abort(&self) {
+        self.stop.cancel();
+        for d in &self.drivers {
+            d.abort();
+        }
+        for s in &self.senders {
+            s.abort();
+        }
+    }
+}
+
+async fn measure(rig: &mut Rig, system: System, publishers: usize, s: &Settings) -> Result<Row> {
+    let base = Instant::now();
+    let layout = Arc::new(Layout::new(s.messages, publishers));
+    let progress = Arc::new(Progress::default());
+    let stop = CancellationToken::new();
+
+    let hub_js = jetstream::new(rig.hub_client.clone());
+    let hub_stream = hub_js
+        .get_stream(HUB_STREAM)
+        .await
+        .context("open the hub stream")?;
+    let stored_before = hub_stream.get_info().await?.state.messages;
+    let messages = hub_stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .context("create the ordered consumer on the hub stream")?
+        .messages()
+        .await
+        .context("start the ordered consumer")?;
+    let collector = tokio::spawn(collect(
+        messages,
+        layout.clone(),
+        base,
+        progress.clone(),
+        stop.clone(),
+    ));
+
+    let sut_pid = rig.sut.pid();
+    let io_before = read_io(sut_pid)?;
+
+    let mut clients = Vec::new();
+    let mut sents = Vec::new();
+    let mut drivers = Vec::new();
+    let mut connacks = Vec::new();
+    for p in 0..publishers {
+        let mut opts = MqttOptions::new(format!("bench-p{p}"), "127.0.0.1", rig.mqtt_port);
+        opts.set_keep_alive(Duration::from_secs(30))
+            .set_inflight(s.inflight)
+            .set_clean_session(true);
+        let (client, mut events) = AsyncClient::new(opts, 16);
+        events.set_network_options(nodelay());
+        let (tx, rx) = oneshot::channel();
+        let sent: Arc<Vec<AtomicU64>> =
+            Arc::new((0..layout.count(p)).map(|_| AtomicU64::new(0)).collect());
+        drivers.push(tokio::spawn(drive(
+            events,
+            p,
+            sent.clone(),
+            tx,
+            base,
+            progress.clone(),
+        )));
+        clients.push(client);
+        sents.push(sent);
+        connacks.push(rx);
+    }
+    let mut run = Running {
+        layout,
+        progress,
+        stop,
+        collector,
+        drivers,
+        senders: Vec::new(),
+    };
+    let result = async {
+        for (p, rx) in connacks.into_iter().enumerate() {
+            match tokio::time::timeout(Duration::from_secs(10), rx).await {
+                Ok(Ok(())) => {}
+                _ => bail!("publisher {p} got no CONNACK within 10 s"),
+            }
+        }
+        let interval =
+            (s.rate > 0).then(|| Duration::from_secs_f64(publishers as f64 / s.rate as f64));
+        let started = now_ns(base);
+        for (p, (client, sent)) in clients.into_iter().zip(sents).enumerate() {
+            run.senders.push(tokio::spawn(publish_all(
+                client,
+                p,
+                sent,
+                s.payload,
+                interval,
+                base,
+                run.progress.clone(),
+            )));
+        }
+        watch(rig, &mut run, s).await?;
+        Ok(started)
+    }
+    .await;
+    let started = match result {
+        Ok(started) => started,
+        Err(e) => {
+            run.abort();
+            return Err(e);
+        }
+    };
+
+    let mut last_ack = 0;
+    let mut ack_lat = Vec::with_capacity(s.messages);
+    for (p, d) in run.drivers.drain(..).enumerate() {
+        match tokio::time::timeout(Duration::from_secs(10), d).await {
+            Ok(Ok(Ok(acks))) => {
+                last_ack = last_ack.max(acks.last_ns);
+                ack_lat.extend(acks.latencies_ns);
+            }
+            Ok(Ok(Err(e))) => return Err(e),
+            Ok(Err(e)) => bail!("publisher {p} task failed: {e}"),
+            Err(_) => bail!("publisher {p}: all messages arrived at the hub but not all PUBACKs within 10 s more"),
+        }
+    }
+    run.stop.cancel();
+    let arrivals = run.collector.await?;
+
+    tokio::time::sleep(SETTLE).await;
+    rig.ensure_running()?;
+    let io_after = read_io(sut_pid)?;
+    let hwm = vm_hwm_kib(sut_pid)?;
+    let stored = hub_stream.get_info().await?.state.messages - stored_before;
+
+    let n = s.messages as f64;
+    let mut lat = arrivals.latencies_ns;
+    lat.sort_unstable();
+    ack_lat.sort_unstable();
+    let secs = |ns: u64| ns.saturating_sub(started) as f64 / 1e9;
+    let mut notes = Vec::new();
+    if arrivals.foreign > 0 {
+        notes.push(format!(
+            "{} unexpected messages in the hub stream",
+            arrivals.foreign
+        ));
+    }
+    if arrivals.consumer_errors > 0 {
+        notes.push(format!(
+            "{} ordered-consumer errors (consumer recreated)",
+            arrivals.consumer_errors
+        ));
+    }
+    if system == System::Relaybox {
+        match relaybox_metrics(rig.sut_port).await {
+            Ok(m) => notes.push(m),
+            Err(e) => notes.push(format!("relaybox /metrics unavailable: {e:#}")),
+        }
+    }
+    if stored != s.messages as u64 {
+        notes.push(format!(
+            "hub stream stored {stored} messages for {} published",
+            s.messages
+        ));
+    }
+    Ok(Row {
+        system,
+        publishers,
+        acked_per_s: n / secs(last_ack),
+        hub_per_s: n / secs(arrivals.last_arrival_ns),
+        p50_ms: percentile_ms(&lat, 0.50),
+        p99_ms: percentile_ms(&lat, 0.99),
+        max_ms: percentile_ms(&lat, 1.0),
+        ack_p50_ms: percentile_ms(&ack_lat, 0.50),
+        ack_p99_ms: percentile_ms(&ack_lat, 0.99),
+        rss_mib: hwm as f64 / 1024.0,
+        disk_per_msg: (io_after.write_bytes - io_before.write_bytes) as f64 / n,
+        cancelled_per_msg: (io_after.cancelled_write_bytes - io_before.cancelled_write_bytes)
+            as f64
+            / n,
+        duplicates: arrivals.duplicates,
+        notes,
+    })
+}
+
+/// A few of relaybox's own counters (from its admin `/metrics`), to explain its figures: how
+/// many records each group commit carried and what the relay counts as flash writes.
+async fn relaybox_metrics(port: u16) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await?;
+        Ok::<_, std::io::Error>(body)
+    };
+    let body = tokio::time::timeout(Duration::from_secs(5), fetch)
+        .await
+        .map_err(|_| anyhow!("no answer within 5 s"))??;
+    let value = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let appended = value("relaybox_outbox_appended_total");
+    let commits = value("relaybox_outbox_commits_total");
+    let mut out = String::from("relaybox /metrics:");
+    if let (Some(a), Some(c)) = (appended, commits) {
+        out.push_str(&format!(
+            " {a:.0} records in {c:.0} commits ({:.1} records per commit);",
+            a / c.max(1.0)
+        ));
+    }
+    if let Some(b) = value("relaybox_flash_bytes_per_message") {
+        out.push_str(&format!(" flash_bytes_per_message {b:.0};"));
+    }
+    if let Some(l) = value("relaybox_uplink_puback_latency_seconds_avg") {
+        out.push_str(&format!(" hub PubAck latency avg {:.2} ms;", l * 1e3));
+    }
+    Ok(out.trim_end_matches(';').to_owned())
+}
+
+/// The q-quantile (nearest rank) of sorted nanoseconds, in milliseconds.
+fn percentile_ms(sorted_ns: &[u64], q: f64) -> f64 {
+    if sorted_ns.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((sorted_ns.len() as f64 * q).ceil() as usize).clamp(1, sorted_ns.len());
+    sorted_ns[rank - 1] as f64 / 1e6
+}
+
+/// Waits until every message arrived, or fails on a stall, the time limit, a failed publisher or
+/// a server that died.
+async fn watch(rig: &mut Rig, run: &mut Running, s: &Settings) -> Result<()> {
+    let begin = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut last_seen = (0, 0);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let acked = run.progress.acked.load(Ordering::Relaxed);
+        let arrived = run.progress.arrived.load(Ordering::Relaxed);
+        if arrived >= run.layout.total {
+            return Ok(());
+        }
+        let state = format!(
+            "{acked} of {} PUBACKed, {arrived} arrived at the hub",
+            run.layout.total
+        );
+        rig.ensure_running()
+            .with_context(|| format!("during the run ({state})"))?;
+        if let Some(e) = run.progress.take_failure() {
+            return Err(e.context(state));
+        }
+        if run.collector.is_finished() {
+            bail!("the hub consumer ended early ({state})");
+        }
+        if (acked, arrived) != last_seen {
+            last_seen = (acked, arrived);
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() > s.stall {
+            bail!(
+                "stalled: nothing acked or arrived for {:?} ({state})",
+                s.stall
+            );
+        }
+        if begin.elapsed() > s.timeout {
+            bail!("time limit of {:?} reached ({state})", s.timeout);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the scenarios and printing figures
+// ---------------------------------------------------------------------------------------------
+
+fn main() -> ExitCode {
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("mqtt_to_hub: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    // Servers are spawned from this thread (inside `block_on`): see `Proc::spawn`.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mqtt_to_hub: cannot start the tokio runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    runtime.block_on(run(settings))
+}
+
+async fn run(s: Settings) -> ExitCode {
+    if let Err(e) = preflight(&s) {
+        eprintln!("mqtt_to_hub: {e:#}");
+        return ExitCode::from(2);
+    }
+    print!("{}", describe_machine(&s));
+    let mut rows = Vec::new();
+    let mut failures = Vec::new();
+    for &publishers in &s.publishers {
+        for &system in &s.systems {
+            println!(
+                "\n== {} — {publishers} publisher(s), {} messages of {} bytes",
+                system.label(),
+                s.messages,
+                s.payload
+            );
+            let mut runs = Vec::new();
+            let mut failed = None;
+            for attempt in 1..=s.repeat {
+                if s.repeat > 1 {
+                    println!("   run {attempt} of {}", s.repeat);
+                }
+                match one_scenario(system, publishers, &s).await {
+                    Ok(row) => runs.push(row),
+                    Err(why) => {
+                        failed = Some(why);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                Some(why) => failures.push((system, publishers, why)),
+                None => rows.push(median(runs, s.rate > 0)),
+            }
+        }
+    }
+    print!("{}", report(&rows, &failures, &s));
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Runs one scenario once and prints its figures (or why it failed).
+async fn one_scenario(system: System, publishers: usize, s: &Settings) -> Result<Row, String> {
+    println!("   load average before: {}", load_average());
+    // A safety net over the bounded steps inside: starting (< 2 min), measuring (timeout),
+    // stopping (< 10 s).
+    let limit = s.timeout + Duration::from_secs(180);
+    let outcome = match tokio::time::timeout(limit, scenario(system, publishers, s)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err((anyhow!("scenario exceeded {limit:?} in all"), String::new())),
+    };
+    match outcome {
+        Ok(row) => {
+            println!(
+                "   {:.0} msg/s PUBACKed, {:.0} msg/s at the hub, hub p50 {:.2} ms, p99 {:.2} ms, \
+                 PUBACK p50 {:.2} ms, p99 {:.2} ms, peak RSS {:.1} MiB, {:.0} bytes written per message",
+                row.acked_per_s,
+                row.hub_per_s,
+                row.p50_ms,
+                row.p99_ms,
+                row.ack_p50_ms,
+                row.ack_p99_ms,
+                row.rss_mib,
+                row.disk_per_msg
+            );
+            for note in &row.notes {
+                println!("   note: {note}");
+            }
+            Ok(row)
+        }
+        Err((e, logs)) => {
+            println!("   FAILED: {e:#}");
+            if !logs.is_empty() {
+                println!("{logs}");
+            }
+            Err(format!("{e:#}"))
+        }
+    }
+}
+
+/// The median run, noting the spread when there were several: by hub throughput when
+/// publishers go flat out, by hub p50 latency when they are paced (their throughput is the pace).
+fn median(mut runs: Vec<Row>, paced: bool) -> Row {
+    let n = runs.len();
+    let key = |r: &Row| if paced { r.p50_ms } else { r.hub_per_s };
+    runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let (low, high) = (key(&runs[0]), key(&runs[n - 1]));
+    let mut row = runs.swap_remove(n / 2);
+    if n > 1 {
+        row.notes.push(if paced {
+            format!("median of {n} runs by hub p50; hub p50 ranged {low:.2} to {high:.2} ms")
+        } else {
+            format!("median of {n} runs by hub msg/s; hub msg/s ranged {low:.0} to {high:.0}")
+        });
+    }
+    row
+}
+
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn preflight(s: &Settings) -> Result<()> {
+    if !s.nats_server.is_file() {
+        bail!(
+            "nats-server not found at {} (apt-get install nats-server, or set BENCH_NATS_SERVER)",
+            s.nats_server.display()
+        );
+    }
+    if s.systems.contains(&System::Relaybox) && !s.relaybox.is_file() {
+        bail!(
+            "relaybox binary not found at {} (run `cargo build --release`, or set BENCH_RELAYBOX)",
+            s.relaybox.display()
+        );
+    }
+    Ok(())
+}
+
+async fn scenario(
+    system: System,
+    publishers: usize,
+    s: &Settings,
+) -> Result<Row, (anyhow::Error, String)> {
+    let mut logs = String::new();
+    let mut rig = match start_rig(system, s, &mut logs).await {
+        Ok(rig) => rig,
+        Err(e) => return Err((e.context("starting the servers"), logs)),
+    };
+    let outcome = measure(&mut rig, system, publishers, s)
+        .await
+        .map_err(|e| (e, rig.logs()));
+    let Rig {
+        sut,
+        hub,
+        hub_client,
+        dir,
+        ..
+    } = rig;
+    drop(hub_client);
+    drop(sut);
+    drop(hub);
+    if s.keep {
+        println!("   kept {}", dir.keep().display());
+    }
+    outcome
+}
+
+fn fmt_ratio(ours: f64, theirs: f64) -> String {
+    // Below 1 (a byte per message written, a microsecond) a ratio says nothing useful.
+    if theirs >= 1e-3 && ours.is_finite() && theirs.is_finite() {
+        format!("{:.2}", ours / theirs)
+    } else {
+        "n/a".to_owned()
+    }
+}
+
+fn report(rows: &[Row], failures: &[(System, usize, String)], s: &Settings) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n## Results: {} QoS 1 messages of {} bytes per scenario, inflight {}{}\n",
+        s.messages,
+        s.payload,
+        s.inflight,
+        if s.rate > 0 {
+            format!(", paced at {} msg/s in total", s.rate)
+        } else {
+            ", publishers flat out".to_owned()
+        }
+    );
+    let _ = writeln!(
+        out,
+        "| system | publishers | PUBACKed msg/s | hub msg/s | hub p50 ms | hub p99 ms | hub max ms | PUBACK p50 ms | PUBACK p99 ms | peak RSS MiB | disk bytes/msg |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} |",
+            r.system.label(),
+            r.publishers,
+            r.acked_per_s,
+            r.hub_per_s,
+            r.p50_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.ack_p50_ms,
+            r.ack_p99_ms,
+            r.rss_mib,
+            r.disk_per_msg
+        );
+    }
+    for (system, publishers, why) in failures {
+        let _ = writeln!(
+            out,
+            "| {} | {publishers} | FAILED: {} | | | | | | | | |",
+            system.label(),
+            why.replace('|', "/").lines().next().unwrap_or_default()
+        );
+    }
+
+    let mut ratios = String::new();
+    for r in rows.iter().filter(|r| r.system == System::Relaybox) {
+        for o in rows
+            .iter()
+            .filter(|o| o.system != System::Relaybox && o.publishers == r.publishers)
+        {
+            let _ = writeln!(
+                ratios,
+                "| relaybox / {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                o.system.label(),
+                r.publishers,
+                fmt_ratio(r.hub_per_s, o.hub_per_s),
+                fmt_ratio(r.p50_ms, o.p50_ms),
+                fmt_ratio(r.p99_ms, o.p99_ms),
+                fmt_ratio(r.ack_p50_ms, o.ack_p50_ms),
+                fmt_ratio(r.ack_p99_ms, o.ack_p99_ms),
+                fmt_ratio(r.rss_mib, o.rss_mib),
+                if o.disk_per_msg < 16.0 {
+                    format!("n/a ({:.0} B/msg)", o.disk_per_msg)
+                } else {
+                    fmt_ratio(r.disk_per_msg, o.disk_per_msg)
+                }
+            );
+        }
+    }
+    if !ratios.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nRatios (above 1: relaybox has more of it; for msg/s more is better, for the rest less is):\n"
+        );
+        let _ = writeln!(
+            out,
+            "| ratio | publishers | hub msg/s | hub p50 | hub p99 | PUBACK p50 | PUBACK p99 | peak RSS | disk bytes/msg |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        out.push_str(&ratios);
+    }
+
+    let mut notes = String::new();
+    for r in rows {
+        let mut these = r.notes.clone();
+        if r.duplicates > 0 {
+            these.push(format!("{} duplicate deliveries", r.duplicates));
+        }
+        if r.cancelled_per_msg >= 1.0 {
+            these.push(format!(
+                "{:.0} bytes/msg of the writes were cancelled (cancelled_write_bytes: dirty pages truncated before writeback)",
+                r.cancelled_per_msg
+            ));
+        }
+        for n in these {
+            let _ = writeln!(
+                notes,
+                "- {}, {} publisher(s): {n}",
+                r.system.label(),
+                r.publishers
+            );
+        }
+    }
+    if !notes.is_empty() {
+        let _ = writeln!(out, "\nNotes:\n{notes}");
+    }
+    let _ = writeln!(
+        out,
+        "\nhub msg/s: messages / (last arrival at the hub consumer - first publish). PUBACKed msg/s: \
+         messages / (last PUBACK - first publish). hub latency: send time in the payload to \
+         delivery by an ordered consumer on the hub stream. PUBACK latency: publish call to its \
+         PUBACK. Both start at the `publish` call, so they include waiting for a free slot in the \
+         inflight window. RSS: VmHWM of the system under test (relaybox, \
+         or the leaf nats-server; not the hub). Disk: /proc/PID/io write_bytes of that process \
+         during the run plus {SETTLE:?}, divided by messages (the file system journal is not \
+         counted)."
+    );
+    out
+}
+
+fn describe_machine(s: &Settings) -> String {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = proc_field("/proc/meminfo", "MemTotal:").unwrap_or(0) / 1024;
+    let os = fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_owned())
+        })
+        .unwrap_or_else(|| "unknown OS".into());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_owned())
+        .unwrap_or_default();
+    let nats = Command::new(&s.nats_server)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    let relaybox = if s.systems.contains(&System::Relaybox) {
+        let built = fs::metadata(&s.relaybox)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| format!(", built {}", utc(d.as_secs())))
+            .unwrap_or_default();
+        let source = Command::new("git")
+            .args(["describe", "--always", "--dirty"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| format!(", source {}", String::from_utf8_lossy(&o.stdout).trim()))
+            .unwrap_or_default();
+        format!("{}{built}{source}", s.relaybox.display())
+    } else {
+        "not run".to_owned()
+    };
+    format!(
+        "# mqtt_to_hub\n\
+         machine:   {cpu}, {cores} cores, {mem} MiB RAM; {os}, Linux {kernel}\n\
+         data dirs: {} ({}; {})\n\
+         hub/leaf:  {} ({nats})\n\
+         relaybox:  {relaybox}\n\
+         load:      {} (1, 5, 15 min averages at the start)\n\
+         run:       {} messages x {} bytes, publishers {:?}, inflight {}, rate {}, {} run(s) each\n",
+        s.tmp_root.display(),
+        filesystem_of(&s.tmp_root),
+        fdatasync_latency(&s.tmp_root),
+        s.nats_server.display(),
+        load_average(),
+        s.messages,
+        s.payload,
+        s.publishers,
+        s.inflight,
+        if s.rate > 0 {
+            format!("{} msg/s", s.rate)
+        } else {
+            "flat out".to_owned()
+        },
+        s.repeat
+    )
+}
+
+/// What one fdatasync of a rewritten 4 KiB page costs where the data directories live: relaybox
+/// pays one per group commit, nats-server (by default) none per message, so this decides how
+/// much the figures move on other storage (an SD card takes milliseconds).
+fn fdatasync_latency(dir: &Path) -> String {
+    let probe = || -> std::io::Result<(f64, f64)> {
+        use std::io::{Seek, SeekFrom, Write};
+        let file = tempfile::tempfile_in(dir)?;
+        let mut file = std::io::BufWriter::new(file);
+        let page = [0x5au8; 4096];
+        let mut took = Vec::with_capacity(200);
+        for i in 0..200u64 {
+            file.seek(SeekFrom::Start((i % 16) * 4096))?;
+            file.write_all(&page)?;
+            file.flush()?;
+            let t = Instant::now();
+            file.get_ref().sync_data()?;
+            took.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        took.sort_by(f64::total_cmp);
+        Ok((took[100], took[197]))
+    };
+    match probe() {
+        Ok((p50, p99)) => format!("fdatasync of a 4 KiB rewrite: p50 {p50:.3} ms, p99 {p99:.3} ms"),
+        Err(e) => format!("fdatasync probe failed: {e}"),
+    }
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM UTC` (civil-from-days, proleptic Gregorian).
+fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let (hh, mm) = (secs % 86_400 / 3_600, secs % 3_600 / 60);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02} UTC")
+}
+
+/// The file system the data directories live on, from /proc/mounts (longest mount-point match).
+fn filesystem_of(path: &Path) -> String {
+    let _ = fs::create_dir_all(path);
+    let Ok(path) = path.canonicalize() else {
+        return "unknown file system".into();
+    };
+    let Ok(mounts) = fs::read_to_string("/proc/mounts") else {
+        return "unknown file system".into();
+    };
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (dev, at, fstype) = (f.next()?, f.next()?, f.next()?);
+            path.starts_with(at)
+                .then(|| (at.len(), format!("{fstype} on {dev}")))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, d)| d)
+        .unwrap_or_else(|| "unknown file system".into())
+}

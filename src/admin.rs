@@ -1,0 +1,658 @@
+//! The admin endpoint: what an admin reads to see whether a box is healthy.
+//!
+//! A small HTTP/1.1 server on a loopback address (`[admin] listen`, default 127.0.0.1:9180)
+//! answers `GET /metrics` (Prometheus text format) and `GET /status` (JSON); `relaybox status`
+//! prints the JSON as a summary. The same figures go to the hub as a protobuf
+//! [`RelayStatus`](crate::proto::RelayStatus) at an interval (sent by the uplink).
+//!
+//! Everything here reads counters the components keep anyway; nothing here can slow them.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::downlink::DownlinkStatus;
+use crate::gate::GateShared;
+use crate::serial::PortStats;
+use crate::store::OutboxStats;
+use crate::uplink::UplinkStatus;
+
+/// How long a request may take to arrive.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest request head read.
+const MAX_REQUEST: usize = 8 * 1024;
+
+/// Where the figures come from.
+pub struct Sources {
+    pub relay: String,
+    pub started: Instant,
+    pub gate: Arc<GateShared>,
+    pub outbox: Arc<OutboxStats>,
+    pub uplink: Option<Arc<UplinkStatus>>,
+    pub downlink: Option<Arc<DownlinkStatus>>,
+    pub serial: Vec<(String, Arc<PortStats>)>,
+    /// The process's kernel write count when the relay started.
+    pub write_bytes_at_start: u64,
+}
+
+/// The JSON of `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub relay: String,
+    pub version: String,
+    pub uptime_s: u64,
+    pub mqtt: MqttStatus,
+    pub outbox: OutboxStatus,
+    pub uplink: Option<UplinkState>,
+    pub downlink: Option<DownlinkState>,
+    pub flash: FlashStatus,
+    pub memory: MemoryStatus,
+    pub serial: Vec<SerialStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MqttStatus {
+    pub clients_connected: u64,
+    pub connections_total: u64,
+    pub refused_busy: u64,
+    pub auth_failures: u64,
+    pub closed_for_errors: u64,
+    pub publishes_in: u64,
+    pub exported: u64,
+    pub refused: u64,
+    pub denied_publishes: u64,
+    pub denied_subscriptions: u64,
+    pub unexportable: u64,
+    /// PUBLISHes not sent to MQTT 5 clients because they exceed the client's Maximum Packet
+    /// Size.
+    #[serde(default)]
+    pub too_large_for_client: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OutboxStatus {
+    pub messages: u64,
+    pub bytes: u64,
+    pub oldest_age_s: u64,
+    pub appended: u64,
+    pub acknowledged: u64,
+    pub dropped_oldest: u64,
+    pub dropped_age: u64,
+    pub refused: u64,
+    pub corrupt: u64,
+    pub commits: u64,
+    pub commit_failures: u64,
+    pub file_bytes: u64,
+    pub compactions: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UplinkState {
+    pub connected: bool,
+    pub published: u64,
+    pub acknowledged: u64,
+    pub duplicates: u64,
+    pub failures: u64,
+    pub ack_latency_ms_avg: f64,
+    pub ack_latency_ms_last: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DownlinkState {
+    pub delivered: u64,
+    pub own_skipped: u64,
+    pub unmappable: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FlashStatus {
+    /// Bytes the relay process made the kernel write to storage since it started.
+    pub bytes_written: u64,
+    /// `bytes_written` divided by the messages appended to the outbox.
+    pub bytes_per_message: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MemoryStatus {
+    pub rss_bytes: u64,
+    pub peak_rss_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SerialStatus {
+    pub port: String,
+    pub frames: u64,
+    pub exported: u64,
+    pub garbage: u64,
+    pub bad_cobs: u64,
+    pub overlong: u64,
+    pub partial: u64,
+}
+
+fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+/// The kernel's count of bytes this process caused to be written to storage
+/// (`write_bytes` of /proc/self/io); 0 where it cannot be read.
+pub fn process_write_bytes() -> u64 {
+    proc_field("/proc/self/io", "write_bytes:")
+}
+
+/// (current, peak) resident memory of this process, in bytes.
+pub fn process_rss() -> (u64, u64) {
+    (
+        proc_field("/proc/self/status", "VmRSS:") * 1024,
+        proc_field("/proc/self/status", "VmHWM:") * 1024,
+    )
+}
+
+fn proc_field(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+impl Sources {
+    pub fn snapshot(&self) -> Status {
+        let g = &self.gate.stats;
+        let o = &self.outbox;
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let oldest = load(&o.oldest_unix_ms);
+        let appended = load(&o.appended);
+        let written = process_write_bytes().saturating_sub(self.write_bytes_at_start);
+        let (rss, peak) = process_rss();
+        Status {
+            relay: self.relay.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_s: self.started.elapsed().as_secs(),
+            mqtt: MqttStatus {
+                clients_connected: load(&g.connected),
+                connections_total: load(&g.connections),
+                refused_busy: load(&g.refused_busy),
+                auth_failures: load(&g.auth_failures),
+                closed_for_errors: load(&g.closed_for_errors),
+                publishes_in: load(&g.publishes_in),
+                exported: load(&g.exported),
+                refused: load(&g.refused),
+                denied_publishes: load(&g.denied_publishes),
+                denied_subscriptions: load(&g.denied_subscriptions),
+                unexportable: load(&g.unexportable),
+                too_large_for_client: load(&g.too_large_for_client),
+            },
+            outbox: OutboxStatus {
+                messages: load(&o.records),
+                bytes: load(&o.bytes),
+                oldest_age_s: if oldest == 0 || load(&o.records) == 0 {
+                    0
+                } else {
+                    now_ms.saturating_sub(oldest) / 1000
+                },
+                appended,
+                acknowledged: load(&o.acknowledged),
+                dropped_oldest: load(&o.dropped_oldest),
+                dropped_age: load(&o.dropped_age),
+                refused: load(&o.refused),
+                corrupt: load(&o.corrupt),
+                commits: load(&o.commits),
+                commit_failures: load(&o.commit_failures),
+                file_bytes: load(&o.file_bytes),
+                compactions: load(&o.compactions),
+            },
+            uplink: self.uplink.as_ref().map(|u| {
+                let count = load(&u.ack_latency_count);
+                UplinkState {
+                    connected: u.connected.load(Ordering::Relaxed),
+                    published: load(&u.published),
+                    acknowledged: load(&u.acknowledged),
+                    duplicates: load(&u.duplicates),
+                    failures: load(&u.failures),
+                    ack_latency_ms_avg: if count == 0 {
+                        0.0
+                    } else {
+                        load(&u.ack_latency_us_sum) as f64 / count as f64 / 1000.0
+                    },
+                    ack_latency_ms_last: load(&u.ack_latency_us_last) as f64 / 1000.0,
+                }
+            }),
+            downlink: self.downlink.as_ref().map(|d| DownlinkState {
+                delivered: load(&d.delivered),
+                own_skipped: load(&d.own_skipped),
+                unmappable: load(&d.unmappable),
+            }),
+            flash: FlashStatus {
+                bytes_written: written,
+                bytes_per_message: if appended == 0 {
+                    0.0
+                } else {
+                    written as f64 / appended as f64
+                },
+            },
+            memory: MemoryStatus {
+                rss_bytes: rss,
+                peak_rss_bytes: peak,
+            },
+            serial: self
+                .serial
+                .iter()
+                .map(|(port, s)| SerialStatus {
+                    port: port.clone(),
+                    frames: load(&s.frames),
+                    exported: load(&s.exported),
+                    garbage: load(&s.garbage),
+                    bad_cobs: load(&s.bad_cobs),
+                    overlong: load(&s.overlong),
+                    partial: load(&s.partial),
+                })
+                .collect(),
+        }
+    }
+
+    /// The status in the protobuf form sent to the hub.
+    pub fn to_proto(&self) -> crate::proto::RelayStatus {
+        let s = self.snapshot();
+        crate::proto::RelayStatus {
+            relay: s.relay,
+            version: s.version,
+            unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            uptime_s: s.uptime_s,
+            clients_connected: s.mqtt.clients_connected,
+            outbox_messages: s.outbox.messages,
+            outbox_bytes: s.outbox.bytes,
+            outbox_oldest_age_s: s.outbox.oldest_age_s,
+            dropped_total: s.outbox.dropped_oldest + s.outbox.dropped_age + s.outbox.refused,
+            flash_bytes_written: s.flash.bytes_written,
+            rss_bytes: s.memory.rss_bytes,
+            messages_in: s.mqtt.publishes_in,
+            messages_to_hub: s.uplink.as_ref().map_or(0, |u| u.acknowledged),
+            messages_from_hub: s.downlink.as_ref().map_or(0, |d| d.delivered),
+        }
+    }
+}
+
+/// The Prometheus text of a status.
+pub fn metrics(s: &Status) -> String {
+    let mut out = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
+        let _ = writeln!(out, "# HELP relaybox_{name} {help}");
+        let _ = writeln!(out, "# TYPE relaybox_{name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "relaybox_{name}{labels} {value}");
+        }
+    };
+    let f = |n: u64| n as f64;
+    metric("up", "gauge", "1 while the relay runs.", &[("", 1.0)]);
+    metric(
+        "uptime_seconds",
+        "gauge",
+        "Seconds since the relay started.",
+        &[("", f(s.uptime_s))],
+    );
+    metric(
+        "mqtt_clients_connected",
+        "gauge",
+        "MQTT clients connected now.",
+        &[("", f(s.mqtt.clients_connected))],
+    );
+    metric(
+        "mqtt_connections_total",
+        "counter",
+        "MQTT connections accepted.",
+        &[("", f(s.mqtt.connections_total))],
+    );
+    metric(
+        "mqtt_connections_refused_total",
+        "counter",
+        "Connections refused at the connection limit.",
+        &[("", f(s.mqtt.refused_busy))],
+    );
+    metric(
+        "mqtt_auth_failures_total",
+        "counter",
+        "Logins refused.",
+        &[("", f(s.mqtt.auth_failures))],
+    );
+    metric(
+        "mqtt_connections_closed_for_errors_total",
+        "counter",
+        "Connections closed for bad input or limits.",
+        &[("", f(s.mqtt.closed_for_errors))],
+    );
+    metric(
+        "mqtt_denied_total",
+        "counter",
+        "Publishes and subscriptions denied by the ACL.",
+        &[
+            ("{kind=\"publish\"}", f(s.mqtt.denied_publishes)),
+            ("{kind=\"subscribe\"}", f(s.mqtt.denied_subscriptions)),
+        ],
+    );
+    let to_hub = s.uplink.as_ref().map_or(0, |u| u.acknowledged);
+    let from_hub = s.downlink.as_ref().map_or(0, |d| d.delivered);
+    let serial_in: u64 = s.serial.iter().map(|p| p.frames).sum();
+    metric("messages_total", "counter", "Messages by direction: from local MQTT clients, from serial ports, to the hub (acknowledged), from the hub.", &[
+        ("{direction=\"mqtt_in\"}", f(s.mqtt.publishes_in)),
+        ("{direction=\"serial_in\"}", f(serial_in)),
+        ("{direction=\"to_hub\"}", f(to_hub)),
+        ("{direction=\"from_hub\"}", f(from_hub)),
+    ]);
+    metric(
+        "outbox_messages",
+        "gauge",
+        "Messages waiting for the hub.",
+        &[("", f(s.outbox.messages))],
+    );
+    metric(
+        "outbox_bytes",
+        "gauge",
+        "Bytes of messages waiting for the hub.",
+        &[("", f(s.outbox.bytes))],
+    );
+    metric(
+        "outbox_oldest_age_seconds",
+        "gauge",
+        "Age of the oldest message waiting.",
+        &[("", f(s.outbox.oldest_age_s))],
+    );
+    metric(
+        "outbox_appended_total",
+        "counter",
+        "Messages accepted into the outbox.",
+        &[("", f(s.outbox.appended))],
+    );
+    metric(
+        "outbox_dropped_total",
+        "counter",
+        "Messages not kept, by reason.",
+        &[
+            ("{reason=\"oldest\"}", f(s.outbox.dropped_oldest)),
+            ("{reason=\"age\"}", f(s.outbox.dropped_age)),
+            ("{reason=\"refused\"}", f(s.outbox.refused)),
+            ("{reason=\"corrupt\"}", f(s.outbox.corrupt)),
+            ("{reason=\"unexportable_topic\"}", f(s.mqtt.unexportable)),
+        ],
+    );
+    metric(
+        "outbox_commits_total",
+        "counter",
+        "Outbox commits (each one flush).",
+        &[("", f(s.outbox.commits))],
+    );
+    metric(
+        "outbox_commit_failures_total",
+        "counter",
+        "Outbox commits that failed.",
+        &[("", f(s.outbox.commit_failures))],
+    );
+    metric(
+        "store_file_bytes",
+        "gauge",
+        "Size of the store file.",
+        &[("", f(s.outbox.file_bytes))],
+    );
+    metric(
+        "flash_bytes_written_total",
+        "counter",
+        "Bytes the relay made the kernel write to storage.",
+        &[("", f(s.flash.bytes_written))],
+    );
+    metric(
+        "flash_bytes_per_message",
+        "gauge",
+        "Bytes written to storage per message accepted.",
+        &[("", s.flash.bytes_per_message)],
+    );
+    metric(
+        "memory_rss_bytes",
+        "gauge",
+        "Resident memory.",
+        &[("", f(s.memory.rss_bytes))],
+    );
+    if let Some(u) = &s.uplink {
+        metric(
+            "uplink_connected",
+            "gauge",
+            "1 while the hub connection is up.",
+            &[("", if u.connected { 1.0 } else { 0.0 })],
+        );
+        metric(
+            "uplink_published_total",
+            "counter",
+            "Publishes sent to the hub (with resends).",
+            &[("", f(u.published))],
+        );
+        metric(
+            "uplink_duplicates_total",
+            "counter",
+            "Publishes the hub already had.",
+            &[("", f(u.duplicates))],
+        );
+        metric(
+            "uplink_failures_total",
+            "counter",
+            "Times the uplink paused on an error.",
+            &[("", f(u.failures))],
+        );
+        metric(
+            "uplink_puback_latency_seconds_avg",
+            "gauge",
+            "Average PubAck round trip.",
+            &[("", u.ack_latency_ms_avg / 1000.0)],
+        );
+        metric(
+            "uplink_puback_latency_seconds_last",
+            "gauge",
+            "Last PubAck round trip.",
+            &[("", u.ack_latency_ms_last / 1000.0)],
+        );
+    }
+    if !s.serial.is_empty() {
+        let mut samples = Vec::new();
+        let labels: Vec<(String, f64)> = s
+            .serial
+            .iter()
+            .flat_map(|p| {
+                [
+                    ("ok", p.frames),
+                    ("garbage", p.garbage),
+                    ("bad_cobs", p.bad_cobs),
+                    ("overlong", p.overlong),
+                    ("partial", p.partial),
+                ]
+                .map(|(reason, n)| {
+                    (
+                        format!("{{port=\"{}\",reason=\"{reason}\"}}", escape_label(&p.port)),
+                        f(n),
+                    )
+                })
+            })
+            .collect();
+        for (l, v) in &labels {
+            samples.push((l.as_str(), *v));
+        }
+        metric(
+            "serial_frames_total",
+            "counter",
+            "Serial frames by port and outcome.",
+            &samples,
+        );
+    }
+    out
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Serves `/metrics` and `/status` until `shutdown`.
+pub async fn serve(listener: TcpListener, sources: Arc<Sources>, shutdown: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let sources = sources.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &sources)).await;
+        });
+    }
+}
+
+async fn answer(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || head.len() + n > MAX_REQUEST {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, kind, body) = match (method, path) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics(&sources.snapshot()),
+        ),
+        ("GET", "/status") => (
+            "200 OK",
+            "application/json",
+            serde_json::to_string_pretty(&sources.snapshot()).unwrap_or_default(),
+        ),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics or /status\n".to_owned(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Fetches `/status` from a running relay (for `relaybox status`).
+pub async fn fetch_status(addr: SocketAddr) -> Result<Status, String> {
+    let work = async {
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| {
+            format!("cannot reach the relay's admin endpoint {addr}: {e} (is it running?)")
+        })?;
+        stream
+            .write_all(b"GET /status HTTP/1.1\r\nHost: relaybox\r\nConnection: close\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut response = Vec::new();
+        stream
+            .read_to_end(&mut response)
+            .await
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&response);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .ok_or("the admin endpoint's answer has no body")?;
+        serde_json::from_str(body)
+            .map_err(|e| format!("the admin endpoint's answer is not a status: {e}"))
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, work)
+        .await
+        .map_err(|_| format!("the admin endpoint {addr} did not answer"))?
+}
+
+/// The human summary `relaybox status` prints.
+pub fn summary(s: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "relay {} (relaybox {}), up {}s",
+        s.relay, s.version, s.uptime_s
+    );
+    let _ = writeln!(
+        out,
+        "mqtt: {} clients connected, {} messages in, {} logins refused, {} denied",
+        s.mqtt.clients_connected,
+        s.mqtt.publishes_in,
+        s.mqtt.auth_failures,
+        s.mqtt.denied_publishes + s.mqtt.denied_subscriptions
+    );
+    match &s.uplink {
+        Some(u) => {
+            let _ = writeln!(
+                out,
+                "hub: {}, {} messages acknowledged, PubAck {:.1} ms avg",
+                if u.connected {
+                    "connected"
+                } else {
+                    "DISCONNECTED"
+                },
+                u.acknowledged,
+                u.ack_latency_ms_avg
+            );
+        }
+        None => {
+            let _ = writeln!(out, "hub: no uplink configured");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "backlog: {} messages, {} bytes, oldest {}s; dropped {} (oldest) {} (age) {} (refused)",
+        s.outbox.messages,
+        s.outbox.bytes,
+        s.outbox.oldest_age_s,
+        s.outbox.dropped_oldest,
+        s.outbox.dropped_age,
+        s.outbox.refused
+    );
+    let _ = writeln!(
+        out,
+        "flash: {} bytes written, {:.0} bytes per message; store file {} bytes",
+        s.flash.bytes_written, s.flash.bytes_per_message, s.outbox.file_bytes
+    );
+    let _ = writeln!(
+        out,
+        "memory: {} KiB resident, {} KiB peak",
+        s.memory.rss_bytes / 1024,
+        s.memory.peak_rss_bytes / 1024
+    );
+    for p in &s.serial {
+        let _ = writeln!(
+            out,
+            "serial {}: {} frames, dropped {} garbage {} bad COBS {} overlong {} partial",
+            p.port, p.frames, p.garbage, p.bad_cobs, p.overlong, p.partial
+        );
+    }
+    out
+}

@@ -1,0 +1,313 @@
+//! Wires the components together and owns their lifetime.
+//!
+//! Start order: store (and its committer thread) → local broker → gate listener bound →
+//! uplink and downlink → serial ports. Shutdown: the edges (gate listener and connections,
+//! uplink, downlink, serial readers) are cancelled; each connection and serial port hands on
+//! what it had already read, so everything accepted reaches the outbox; then the last store handle is dropped and the committer makes its final
+//! commit. The whole drain is bounded by `shutdown_grace_ms`.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin;
+use crate::broker::{Broker, BrokerSettings, Retained};
+use crate::config::Config;
+use crate::downlink::{self, DownlinkSettings, DownlinkStatus};
+use crate::gate::{Gate, GateReload, GateSettings, TlsFiles};
+use crate::liveness::Liveness;
+use crate::serial::{PortSettings, Serial};
+use crate::store::users::Users;
+use crate::store::Store;
+use crate::systemd::{self, StatusSource};
+use crate::uplink::{self, UplinkSettings, UplinkStatus};
+
+/// Runs the relay until `stop` resolves, then drains and returns.
+pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    run_with(config, stop, |_| {}).await
+}
+
+/// As [`run`], telling `ready` the MQTT address once the listener is bound and the store open.
+pub async fn run_with(
+    config: Config,
+    stop: impl Future<Output = ()>,
+    ready: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let write_bytes_at_start = admin::process_write_bytes();
+    let (store, committer) = Store::open(&config.relay.data_dir, &config.outbox)?;
+    // The core loops' heartbeats, watched by the systemd watchdog.
+    let liveness = Liveness::new();
+    let committer_heartbeat = liveness.heartbeat("outbox committer");
+    let committer = std::thread::Builder::new()
+        .name("outbox-commit".into())
+        .spawn(move || committer.run_with_heartbeat(&committer_heartbeat))
+        .context("cannot start the outbox committer thread")?;
+    let stats = store.stats_handle();
+
+    let broker = Broker::start(&BrokerSettings {
+        max_packet_size: config.mqtt.max_packet_size,
+        max_inflight: config.mqtt.max_inflight,
+    })
+    .await?;
+
+    let retained: Vec<Retained> = store
+        .retained()
+        .await?
+        .into_iter()
+        .map(|r| Retained {
+            topic: r.topic,
+            payload: r.payload,
+            user_properties: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
+        })
+        .collect();
+    if !retained.is_empty() {
+        let n = broker.restore_retained(retained).await?;
+        tracing::info!(messages = n, "retained messages restored");
+    }
+
+    let gate = Gate::bind(
+        gate_settings(&config),
+        &broker,
+        store.clone(),
+        Users::at(&config.relay.data_dir),
+    )
+    .await?;
+    let reloader = gate.reloader();
+    let gate_stats = gate.stats();
+    let listen = gate.local_addr().unwrap_or(config.mqtt.listen);
+
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    if let Some(path) = config.source.clone() {
+        tracker.spawn(reload_on_hangup(reloader, path, shutdown.clone()));
+    } else {
+        drop(reloader);
+    }
+    tracker.spawn(gate.serve_with_heartbeat(shutdown.clone(), liveness.heartbeat("gate")));
+
+    let mut uplink_status = None;
+    let mut downlink_status = None;
+    let mut hub_client = None;
+    if let Some(u) = &config.uplink {
+        let settings = UplinkSettings {
+            relay: config.relay.name.clone(),
+            url: u.url.clone(),
+            subject_prefix: u.subject_prefix.clone(),
+            mode: u.mode,
+            stream: u.stream.clone(),
+            create_stream: u.create_stream,
+            window: u.window,
+            drain_rate: u.drain_rate,
+            security: uplink::HubSecurity {
+                require_tls: u.url.starts_with("tls://")
+                    || u.url.starts_with("wss://")
+                    || u.ca_file.is_some()
+                    || u.client_cert.is_some(),
+                ca_file: u.ca_file.clone(),
+                client_cert: u.client_cert.clone().zip(u.client_key.clone()),
+                credentials_file: u.credentials_file.clone(),
+                nkey_seed_file: u.nkey_seed_file.clone(),
+                user_password: u.user.clone().zip(u.password.clone()),
+                token: u.token.clone(),
+            },
+        };
+        if u.mode == crate::config::UplinkMode::Core {
+            tracing::warn!(
+                "uplink mode is core: messages are at-most-once once they leave the socket"
+            );
+        }
+        let status = Arc::new(UplinkStatus::default());
+        uplink_status = Some(status.clone());
+        let client = uplink::connect(&settings, status.clone()).await?;
+        if !config.import.is_empty() {
+            let publisher = broker.local_publisher("relaybox-downlink")?;
+            let down = DownlinkSettings {
+                relay: config.relay.name.clone(),
+                subject_prefix: u.subject_prefix.clone(),
+                mode: u.mode,
+                imports: config.import.iter().map(|r| r.filter.clone()).collect(),
+                create_stream: u.create_stream.then(|| u.stream.clone()),
+            };
+            let status = Arc::new(DownlinkStatus::default());
+            downlink_status = Some(status.clone());
+            tracker.spawn(downlink::run(
+                down,
+                client.clone(),
+                publisher,
+                status,
+                shutdown.clone(),
+            ));
+        }
+        hub_client = Some((client.clone(), u.subject_prefix.clone(), u.status_interval));
+        tracker.spawn(uplink::run_with_heartbeat(
+            settings,
+            client,
+            store.clone(),
+            status,
+            shutdown.clone(),
+            liveness.heartbeat("uplink"),
+        ));
+    }
+    let mut serial_stats = Vec::new();
+    if !config.serial.is_empty() {
+        let exports: Vec<_> = config.export.iter().map(|r| r.filter.clone()).collect();
+        let ports = config
+            .serial
+            .iter()
+            .map(|p| PortSettings::from_config(p, &exports))
+            .collect();
+        let serial = Serial::start(ports, &broker, &store)?;
+        serial_stats = serial.stats();
+        tracker.spawn(serial.run(shutdown.clone()));
+    }
+    let sources = Arc::new(admin::Sources {
+        relay: config.relay.name.clone(),
+        started,
+        gate: gate_stats,
+        outbox: stats.clone(),
+        uplink: uplink_status.clone(),
+        downlink: downlink_status,
+        serial: serial_stats,
+        write_bytes_at_start,
+    });
+    match tokio::net::TcpListener::bind(config.admin.listen).await {
+        Ok(listener) => {
+            tracker.spawn(admin::serve(listener, sources.clone(), shutdown.clone()));
+        }
+        // The admin endpoint is for people; the relay serves its devices without it.
+        Err(error) => tracing::warn!(
+            %error,
+            listen = %config.admin.listen,
+            "cannot serve /metrics and /status"
+        ),
+    }
+    if let Some((client, prefix, interval)) = hub_client {
+        let make = {
+            let sources = sources.clone();
+            move || prost::Message::encode_to_vec(&sources.to_proto())
+        };
+        tracker.spawn(uplink::publish_status(
+            client,
+            config.relay.name.clone(),
+            prefix,
+            interval,
+            make,
+            shutdown.clone(),
+        ));
+    }
+    drop(sources);
+    drop(store);
+
+    tracing::info!(%listen, data_dir = %config.relay.data_dir.display(), "relaybox ready");
+    ready(listen);
+    let outbox = stats.clone();
+    let source = StatusSource {
+        outbox,
+        uplink: uplink_status,
+    };
+    let mut service = systemd::Service::ready(listen, liveness, source);
+
+    stop.await;
+    service.stopping();
+    tracing::info!("stopping: draining accepted messages into the outbox");
+    shutdown.cancel();
+    tracker.close();
+    let grace = Duration::from_millis(config.relay.shutdown_grace_ms);
+    let drained = tokio::time::timeout(grace, tracker.wait()).await.is_ok();
+    if !drained {
+        tracing::warn!(
+            ?grace,
+            "shutdown grace period over; stopping with tasks still running"
+        );
+    }
+    // The committer ends when the last store handle is gone, after its final commit.
+    let joined = tokio::time::timeout(grace, tokio::task::spawn_blocking(move || committer.join()))
+        .await
+        .is_ok();
+    let s = &stats;
+    tracing::info!(
+        appended = s.appended.load(Ordering::Relaxed),
+        dropped = s.dropped_oldest.load(Ordering::Relaxed),
+        refused = s.refused.load(Ordering::Relaxed),
+        acknowledged = s.acknowledged.load(Ordering::Relaxed),
+        backlog = s.records.load(Ordering::Relaxed),
+        clean = drained && joined,
+        "relaybox stopped"
+    );
+    Ok(())
+}
+
+fn gate_settings(config: &Config) -> GateSettings {
+    let m = &config.mqtt;
+    GateSettings {
+        listen: m.listen,
+        tls_listen: m.tls_listen,
+        ws_listen: m.ws_listen,
+        wss_listen: m.wss_listen,
+        tls: m
+            .tls_cert
+            .clone()
+            .zip(m.tls_key.clone())
+            .map(|(cert, key)| TlsFiles {
+                cert,
+                key,
+                client_ca: m.tls_client_ca.clone(),
+                require_client_cert: m.tls_require_client_cert,
+            }),
+        allow_anonymous: m.allow_anonymous,
+        max_packet_size: m.max_packet_size,
+        max_connections: m.max_connections,
+        max_inflight: m.max_inflight,
+        connect_timeout: Duration::from_millis(m.connect_timeout_ms),
+        exports: config.export.iter().map(|r| r.filter.clone()).collect(),
+        acl: config.acl.clone(),
+        groups: config.groups.clone(),
+    }
+}
+
+/// Applies what can change without a restart: ACL rules and groups, TLS certificates.
+/// Anything else in the file needs a restart (said in the log).
+pub fn apply_reload(gate: &GateReload, path: &std::path::Path) {
+    match Config::load(path) {
+        Ok(new) => {
+            gate.acl(new.acl, new.groups);
+            match gate.tls() {
+                Ok(()) => {
+                    tracing::info!(config = %path.display(), "reloaded ACL rules and TLS certificates")
+                }
+                Err(error) => {
+                    tracing::error!(%error, "TLS reload failed; keeping the certificates in use")
+                }
+            }
+        }
+        Err(error) => tracing::error!(%error, "config reload failed; keeping the rules in use"),
+    }
+}
+
+/// Re-reads the config file at every SIGHUP, until shutdown.
+async fn reload_on_hangup(gate: GateReload, path: std::path::PathBuf, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGHUP; config changes need a restart");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            hup = hangups.recv() => match hup {
+                Some(()) => apply_reload(&gate, &path),
+                None => return,
+            },
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Topic access control: who may publish to which topics and subscribe to which filters.
+//!
+//! Rules come from the config (`[[acl]]`), each for one `user`, one `group` (from `[groups]`)
+//! or `user = "*"` (every client), with `publish` and `subscribe` topic filters in which `%u`
+//! stands for the user name and `%c` for the client id, as in Mosquitto's ACL files. A rule with
+//! `%u` never matches an anonymous client, and one with `%c` never matches a client id holding
+//! `/`, `+` or `#`, so that substitution cannot widen a rule.
+//!
+//! When access control is on (users exist, or rules are configured), anything no rule allows is
+//! denied; when it is off, everything is allowed.
+
+use std::collections::HashMap;
+
+use crate::config::AclRule;
+
+/// Who is asking.
+#[derive(Debug, Clone, Copy)]
+pub struct Who<'a> {
+    pub user: Option<&'a str>,
+    pub client_id: &'a str,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Acl {
+    rules: Vec<AclRule>,
+    groups: HashMap<String, Vec<String>>,
+    enforced: bool,
+}
+
+impl Acl {
+    pub fn new(
+        rules: Vec<AclRule>,
+        groups: HashMap<String, Vec<String>>,
+        users_exist: bool,
+    ) -> Acl {
+        let enforced = users_exist || !rules.is_empty();
+        Acl {
+            rules,
+            groups,
+            enforced,
+        }
+    }
+
+    pub fn enforced(&self) -> bool {
+        self.enforced
+    }
+
+    /// May `who` publish to `topic`?
+    pub fn may_publish(&self, who: Who<'_>, topic: &str) -> bool {
+        !self.enforced
+            || self.applicable(who).any(|r| {
+                r.publish
+                    .iter()
+                    .filter_map(|f| substitute(f, who))
+                    .any(|f| topic_matches(&f, topic))
+            })
+    }
+
+    /// May `who` subscribe to `filter`? Only if every topic the filter can match is allowed.
+    pub fn may_subscribe(&self, who: Who<'_>, filter: &str) -> bool {
+        if !self.enforced {
+            return true;
+        }
+        // A shared subscription `$share/<group>/<filter>` is judged by its filter.
+        let filter = match filter.strip_prefix("$share/") {
+            Some(rest) => match rest.split_once('/') {
+                Some((_, f)) => f,
+                None => return false,
+            },
+            None => filter,
+        };
+        self.applicable(who).any(|r| {
+            r.subscribe
+                .iter()
+                .filter_map(|f| substitute(f, who))
+                .any(|allowed| covers(&allowed, filter))
+        })
+    }
+
+    fn applicable<'s>(&'s self, who: Who<'s>) -> impl Iterator<Item = &'s AclRule> + 's {
+        self.rules
+            .iter()
+            .filter(move |r| match (&r.user, &r.group) {
+                (Some(u), _) if u == "*" => true,
+                (Some(u), _) => who.user == Some(u.as_str()),
+                (None, Some(g)) => match (who.user, self.groups.get(g)) {
+                    (Some(user), Some(members)) => members.iter().any(|m| m == user),
+                    _ => false,
+                },
+                (None, None) => false,
+            })
+    }
+}
+
+/// The filter with `%u` and `%c` put in; `None` when they cannot be.
+fn substitute(filter: &str, who: Who<'_>) -> Option<String> {
+    let unsafe_part = |s: &str| s.is_empty() || s.contains(['/', '+', '#']);
+    let mut out = filter.to_owned();
+    if out.contains("%u") {
+        let user = who.user.filter(|u| !unsafe_part(u))?;
+        out = out.replace("%u", user);
+    }
+    if out.contains("%c") {
+        if unsafe_part(who.client_id) {
+            return None;
+        }
+        out = out.replace("%c", who.client_id);
+    }
+    Some(out)
+}
+
+/// MQTT matching of a concrete topic against a filter.
+fn topic_matches(filter: &str, topic: &str) -> bool {
+    covers(filter, topic)
+}
+
+/// Whether every topic matched by `requested` (a filter or a topic) is matched by `allowed`.
+fn covers(allowed: &str, requested: &str) -> bool {
+    if requested.starts_with('$') && (allowed.starts_with('+') || allowed.starts_with('#')) {
+        return false;
+    }
+    let mut req = requested.split('/');
+    for a in allowed.split('/') {
+        match a {
+            "#" => return true,
+            "+" => match req.next() {
+                Some("#") | None => return false,
+                Some(_) => {}
+            },
+            level => {
+                if req.next() != Some(level) {
+                    return false;
+                }
+            }
+        }
+    }
+    req.next().is_none()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(
+        user: Option<&str>,
+        group: Option<&str>,
+        publish: &[&str],
+        subscribe: &[&str],
+    ) -> AclRule {
+        AclRule {
+            user: user.map(str::to_owned),
+            group: group.map(str::to_owned),
+            publish: publish.iter().map(|s| s.to_string()).collect(),
+            subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn who<'a>(user: Option<&'a str>, client_id: &'a str) -> Who<'a> {
+        Who { user, client_id }
+    }
+
+    #[test]
+    fn nothing_is_checked_without_users_or_rules() {
+        let acl = Acl::new(vec![], HashMap::new(), false);
+        assert!(acl.may_publish(who(None, "c"), "any/thing"));
+        assert!(acl.may_subscribe(who(None, "c"), "#"));
+    }
+
+    #[test]
+    fn default_deny_once_users_exist() {
+        let acl = Acl::new(vec![], HashMap::new(), true);
+        assert!(!acl.may_publish(who(Some("alice"), "c"), "a"));
+        assert!(!acl.may_subscribe(who(Some("alice"), "c"), "a"));
+    }
+
+    #[test]
+    fn rules_by_user_group_and_substitution() {
+        let groups = HashMap::from([("meters".to_owned(), vec!["m1".to_owned(), "m2".to_owned()])]);
+        let acl = Acl::new(
+            vec![
+                rule(Some("alice"), None, &["chat/#"], &["chat/#"]),
+                rule(None, Some("meters"), &["meters/%u/#"], &["cmd/%u"]),
+                rule(Some("*"), None, &["clients/%c/status"], &["public/+"]),
+            ],
+            groups,
+            true,
+        );
+        let cases: &[(Option<&str>, &str, &str, bool, bool)] = &[
+            // user, client, topic/filter, may publish, may subscribe
+            (Some("alice"), "a1", "chat/room", true, true),
+            (Some("alice"), "a1", "chat/#", false, true),
+            (Some("alice"), "a1", "meters/m1/x", false, false),
+            (Some("m1"), "x", "meters/m1/kwh", true, false),
+            (Some("m1"), "x", "meters/m2/kwh", false, false),
+            (Some("m2"), "x", "cmd/m2", false, true),
+            (Some("m2"), "x", "cmd/m1", false, false),
+            (Some("m2"), "x", "cmd/+", false, false),
+            (Some("bob"), "dev7", "clients/dev7/status", true, false),
+            (None, "dev7", "clients/dev7/status", true, false),
+            (None, "dev/7", "clients/dev/7/status", false, false),
+            (None, "dev+", "clients/dev+/status", false, false),
+            (Some("bob"), "x", "public/news", false, true),
+            (Some("bob"), "x", "public/#", false, false),
+            (Some("bob"), "x", "$share/g/public/news", false, true),
+            (Some("bob"), "x", "$share/g/secret", false, false),
+        ];
+        for (user, client, t, publish, subscribe) in cases {
+            let w = who(*user, client);
+            if !t.contains(['+', '#']) {
+                assert_eq!(acl.may_publish(w, t), *publish, "publish {user:?} {t}");
+            }
+            assert_eq!(
+                acl.may_subscribe(w, t),
+                *subscribe,
+                "subscribe {user:?} {t}"
+            );
+        }
+    }
+
+    #[test]
+    fn user_substitution_never_widens() {
+        let acl = Acl::new(
+            vec![rule(Some("*"), None, &["home/%u/#"], &["home/%u/#"])],
+            HashMap::new(),
+            true,
+        );
+        assert!(!acl.may_publish(who(Some("#"), "c"), "home/x/y"));
+        assert!(!acl.may_subscribe(who(Some("+"), "c"), "home/+/#"));
+        assert!(!acl.may_publish(who(None, "c"), "home//y"));
+    }
+
+    #[test]
+    fn wildcard_rules_do_not_cover_dollar_topics() {
+        let acl = Acl::new(
+            vec![rule(Some("*"), None, &["#"], &["#"])],
+            HashMap::new(),
+            true,
+        );
+        assert!(acl.may_subscribe(who(None, "c"), "a/#"));
+        assert!(!acl.may_subscribe(who(None, "c"), "$SYS/#"));
+        assert!(!acl.may_publish(who(None, "c"), "$SYS/x"));
+    }
+}

@@ -1,0 +1,128 @@
+//! Authentication at CONNECT and the access rules in force.
+//!
+//! Users and password hashes come from the store's user file, re-read when its modification
+//! time changes (so `relaybox user add` takes effect for the next CONNECT, without a restart).
+//! Password checks (argon2id, deliberately slow) run on the blocking pool. A TLS client
+//! certificate's common name is the client's user name without a password.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::acl::Acl;
+use crate::broker::{ConnectInfo, ConnectRefusal};
+use crate::config::AclRule;
+use crate::store::users::{UserDb, Users};
+
+/// What the current rules are made of.
+struct Current {
+    users: Arc<UserDb>,
+    rules: Vec<AclRule>,
+    groups: HashMap<String, Vec<String>>,
+    acl: Arc<Acl>,
+}
+
+pub struct Auth {
+    users: Users,
+    allow_anonymous: bool,
+    current: Mutex<Current>,
+}
+
+impl Auth {
+    pub fn new(
+        users: Users,
+        allow_anonymous: bool,
+        rules: Vec<AclRule>,
+        groups: HashMap<String, Vec<String>>,
+    ) -> Auth {
+        let db = match users.load() {
+            Ok(db) => db,
+            Err(error) => {
+                tracing::error!(%error, "cannot read users; no user can log in until this is fixed");
+                UserDb::default()
+            }
+        };
+        let acl = Arc::new(Acl::new(rules.clone(), groups.clone(), !db.is_empty()));
+        Auth {
+            users,
+            allow_anonymous,
+            current: Mutex::new(Current {
+                users: Arc::new(db),
+                rules,
+                groups,
+                acl,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
+        match self.current.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Replaces the ACL rules (SIGHUP).
+    pub fn set_rules(&self, rules: Vec<AclRule>, groups: HashMap<String, Vec<String>>) {
+        let mut c = self.lock();
+        c.acl = Arc::new(Acl::new(rules.clone(), groups.clone(), !c.users.is_empty()));
+        c.rules = rules;
+        c.groups = groups;
+    }
+
+    /// The rules to check packets against now.
+    pub fn acl(&self) -> Arc<Acl> {
+        self.lock().acl.clone()
+    }
+
+    /// The users, re-read first if the file changed.
+    fn users(&self) -> Arc<UserDb> {
+        let modified = self.users.modified();
+        let mut c = self.lock();
+        if modified != c.users.modified {
+            match self.users.load() {
+                Ok(db) => {
+                    let db = Arc::new(db);
+                    c.acl = Arc::new(Acl::new(c.rules.clone(), c.groups.clone(), !db.is_empty()));
+                    c.users = db;
+                    tracing::info!("users reloaded");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot re-read users; keeping the ones loaded")
+                }
+            }
+        }
+        c.users.clone()
+    }
+
+    /// The user name a client is known by (`None`: anonymous), or why it is refused.
+    pub async fn authenticate(
+        &self,
+        connect: &ConnectInfo,
+        cert_user: Option<String>,
+    ) -> Result<Option<String>, ConnectRefusal> {
+        if let Some(user) = cert_user {
+            return Ok(Some(user));
+        }
+        // Checking the user file is a stat (and at times a read) of the store's disk: off the
+        // async threads, so that a disk that hangs stalls this login, not the runtime.
+        let users = tokio::task::block_in_place(|| self.users());
+        match (&connect.username, &connect.password) {
+            (Some(name), Some(password)) => {
+                let name = name.clone();
+                let password = password.clone();
+                let check = users.clone();
+                let verified = tokio::task::spawn_blocking(move || {
+                    check.verify(&name, password.as_bytes()).then_some(name)
+                })
+                .await
+                .ok()
+                .flatten();
+                verified.map(Some).ok_or(ConnectRefusal::BadCredentials)
+            }
+            // A name without a password cannot be checked: it is no identity.
+            (Some(_), None) if !self.allow_anonymous => Err(ConnectRefusal::BadCredentials),
+            _ if self.allow_anonymous => Ok(None),
+            _ => Err(ConnectRefusal::NotAuthorized),
+        }
+    }
+}

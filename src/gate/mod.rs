@@ -1,0 +1,331 @@
+//! The gate: every client connection to the relay's MQTT listeners ends here.
+//!
+//! Listeners: plain TCP (`listen`), TLS (`tls_listen`), WebSocket (`ws_listen`, path `/mqtt`)
+//! and WebSocket over TLS (`wss_listen`). Whatever the transport, a connection goes through the
+//! same code: the gate reads its CONNECT (with a deadline), authenticates it, opens a connection
+//! to the internal rumqttd server of the client's protocol version and then relays packets both
+//! ways, framing each one. Client packets are forwarded in the order they came; a PUBLISH whose
+//! topic matches an export rule is first appended to the outbox, and a QoS 1/2 one is forwarded
+//! (and so acknowledged by the router) only after its record is durable. PUBLISH and SUBSCRIBE
+//! are checked against the topic ACL on the way.
+//!
+//! *Architecture invariant:* a QoS ≥ 1 PUBACK/PUBREC for an exported topic reaches the client
+//! only after the outbox commit that holds the message.
+//!
+//! Malformed input, a packet a client must never send, or an oversized packet closes that one
+//! connection with a logged reason; the listeners and other connections go on.
+
+pub mod acl;
+mod auth;
+mod connection;
+mod egress;
+pub mod tls;
+pub mod ws;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::Broker;
+use crate::config::AclRule;
+use crate::liveness::Heartbeat;
+use crate::mapping::TopicFilter;
+use crate::store::users::Users;
+use crate::store::Store;
+
+pub use connection::Shared as GateShared;
+pub use tls::{TlsError, TlsFiles};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("cannot listen for MQTT on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("a TLS listener is configured without TLS certificate and key")]
+    NoTls,
+}
+
+/// What the gate needs to know.
+#[derive(Debug, Clone)]
+pub struct GateSettings {
+    pub listen: SocketAddr,
+    pub tls_listen: Option<SocketAddr>,
+    pub ws_listen: Option<SocketAddr>,
+    pub wss_listen: Option<SocketAddr>,
+    pub tls: Option<TlsFiles>,
+    pub allow_anonymous: bool,
+    pub max_packet_size: usize,
+    pub max_connections: usize,
+    pub max_inflight: usize,
+    pub connect_timeout: Duration,
+    pub exports: Vec<TopicFilter>,
+    pub acl: Vec<AclRule>,
+    pub groups: HashMap<String, Vec<String>>,
+}
+
+/// Counters of the gate since start.
+#[derive(Debug, Default)]
+pub struct GateStats {
+    pub connections: AtomicU64,
+    pub connected: AtomicU64,
+    pub refused_busy: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub closed_for_errors: AtomicU64,
+    pub publishes_in: AtomicU64,
+    pub exported: AtomicU64,
+    pub refused: AtomicU64,
+    pub denied_publishes: AtomicU64,
+    pub denied_subscriptions: AtomicU64,
+    /// Publishes matching an export rule whose topic no NATS subject can carry.
+    pub unexportable: AtomicU64,
+    /// PUBLISHes not sent to an MQTT 5 client because they exceed its Maximum Packet Size.
+    pub too_large_for_client: AtomicU64,
+}
+
+/// The transport of a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Tls,
+    Ws,
+    Wss,
+}
+
+/// The bound listeners, ready to serve.
+pub struct Gate {
+    listeners: Vec<(Transport, TcpListener)>,
+    shared: Arc<connection::Shared>,
+}
+
+/// Applies configuration changes to a running gate (SIGHUP).
+#[derive(Clone)]
+pub struct GateReload(Arc<connection::Shared>);
+
+impl GateReload {
+    /// New ACL rules and groups; connections keep running and use them from their next packet.
+    pub fn acl(&self, rules: Vec<AclRule>, groups: HashMap<String, Vec<String>>) {
+        self.0.auth.set_rules(rules, groups);
+    }
+
+    /// Reads the TLS certificate, key and client CA again.
+    pub fn tls(&self) -> Result<(), TlsError> {
+        match &self.0.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Gate {
+    /// Binds every configured listener.
+    pub async fn bind(
+        settings: GateSettings,
+        broker: &Broker,
+        store: Store,
+        users: Users,
+    ) -> Result<Gate, GateError> {
+        let tls = match &settings.tls {
+            Some(files) => Some(tls::Tls::load(files.clone())?),
+            None => None,
+        };
+        let mut listeners = Vec::new();
+        for (transport, addr) in [
+            (Transport::Tcp, Some(settings.listen)),
+            (Transport::Tls, settings.tls_listen),
+            (Transport::Ws, settings.ws_listen),
+            (Transport::Wss, settings.wss_listen),
+        ] {
+            let Some(addr) = addr else { continue };
+            if matches!(transport, Transport::Tls | Transport::Wss) && tls.is_none() {
+                return Err(GateError::NoTls);
+            }
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| GateError::Bind { addr, source })?;
+            listeners.push((transport, listener));
+        }
+        let auth = auth::Auth::new(
+            users,
+            settings.allow_anonymous,
+            settings.acl.clone(),
+            settings.groups.clone(),
+        );
+        let shared = Arc::new(connection::Shared {
+            v4: broker.server_for(crate::broker::Version::V4),
+            v5: broker.server_for(crate::broker::Version::V5),
+            slots: Arc::new(Semaphore::new(settings.max_connections)),
+            settings,
+            store,
+            tls,
+            auth,
+            stats: GateStats::default(),
+            last_busy_warning: AtomicU64::new(0),
+            started: Instant::now(),
+            redeliveries: Default::default(),
+        });
+        Ok(Gate { listeners, shared })
+    }
+
+    /// The plain MQTT listener's address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addr(Transport::Tcp)
+    }
+
+    /// The address of the listener of `transport`, if there is one.
+    pub fn addr(&self, transport: Transport) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|(t, _)| *t == transport)
+            .and_then(|(_, l)| l.local_addr().ok())
+    }
+
+    pub fn stats(&self) -> Arc<connection::Shared> {
+        self.shared.clone()
+    }
+
+    pub fn reloader(&self) -> GateReload {
+        GateReload(self.shared.clone())
+    }
+
+    /// Accepts connections until `shutdown` is cancelled; then waits for the connections to
+    /// drain what they read (each stops reading at once).
+    pub async fn serve(self, shutdown: CancellationToken) {
+        self.serve_with_heartbeat(shutdown, Heartbeat::unwatched("gate"))
+            .await;
+    }
+
+    /// As [`Gate::serve`], beating `heartbeat` while the accept loop runs (also while it waits
+    /// for a client), so that a gate task that died or cannot be run shows as a stall.
+    pub async fn serve_with_heartbeat(self, shutdown: CancellationToken, heartbeat: Heartbeat) {
+        let tracker = TaskTracker::new();
+        loop {
+            let accepts = self.listeners.iter().map(|(transport, listener)| {
+                Box::pin(async move { (*transport, listener.accept().await) })
+            });
+            let ((transport, accepted), _, _) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = heartbeat.beat_while(futures::future::select_all(accepts)) => a,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    self.shared
+                        .stats
+                        .connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    let Ok(permit) = self.shared.slots.clone().try_acquire_owned() else {
+                        self.refuse_busy(peer);
+                        continue;
+                    };
+                    let shared = self.shared.clone();
+                    let shutdown = shutdown.clone();
+                    tracker.spawn(async move {
+                        let _permit = permit;
+                        open(shared, transport, stream, peer, shutdown).await;
+                    });
+                }
+                Err(error) => {
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    tracing::warn!(%error, "accepting an MQTT connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        drop(self.listeners);
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    /// A connection over `max_connections` is closed at once (counted; logged at most every
+    /// ten seconds).
+    fn refuse_busy(&self, peer: SocketAddr) {
+        let stats = &self.shared.stats;
+        let refused = stats.refused_busy.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = self.shared.started.elapsed().as_secs() + 1;
+        let last = self.shared.last_busy_warning.load(Ordering::Relaxed);
+        // `last` is 0 until the first warning: that one is logged whenever it comes.
+        if (last == 0 || now >= last + 10)
+            && self
+                .shared
+                .last_busy_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                %peer,
+                refused,
+                max_connections = self.shared.settings.max_connections,
+                "connection refused: too many connections"
+            );
+        }
+    }
+}
+
+/// Completes the transport's handshake and hands the byte stream to the MQTT connection.
+async fn open(
+    shared: Arc<connection::Shared>,
+    transport: Transport,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let deadline = shared.settings.connect_timeout;
+    let max = shared.settings.max_packet_size;
+    let result: Result<(), String> = async {
+        match transport {
+            Transport::Tcp => {
+                connection::serve(shared, stream, peer, None, shutdown).await;
+            }
+            Transport::Ws => {
+                let ws = ws::accept(stream, max, deadline)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                connection::serve(shared, ws, peer, None, shutdown).await;
+            }
+            Transport::Tls | Transport::Wss => {
+                let acceptor = match &shared.tls {
+                    Some(tls) => tls.acceptor(),
+                    None => return Err("no TLS configuration".to_owned()),
+                };
+                let tls = tokio::time::timeout(deadline, acceptor.accept(stream))
+                    .await
+                    .map_err(|_| "TLS handshake timed out".to_owned())?
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                let cert_user = tls::client_common_name(tls.get_ref().1);
+                if transport == Transport::Tls {
+                    connection::serve(shared, tls, peer, cert_user, shutdown).await;
+                } else {
+                    let ws = ws::accept(tls, max, deadline)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    connection::serve(shared, ws, peer, cert_user, shutdown).await;
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(reason) = result {
+        tracing::warn!(%peer, ?transport, reason, "closed client connection before MQTT");
+    }
+}
+
+/// Locks a mutex of the gate's; a panic elsewhere while it was held leaves plain data behind
+/// (sets and maps of packet ids), which stays usable.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}

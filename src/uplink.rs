@@ -1,0 +1,798 @@
+//! The uplink: outbox → NATS hub.
+//!
+//! It reads the outbox in sequence order and publishes each record to
+//! `<subject_prefix>.<mapped topic>`:
+//! - **jetstream** mode: JetStream publish with `Nats-Msg-Id: <relay>-<epoch>-<seq>`, up to
+//!   `window` publishes awaiting their PubAck. A record is deleted from the outbox only after
+//!   its PubAck. On any failure (hub down, timeout, no stream) the in-flight publishes are
+//!   abandoned and, after a backoff, sending starts again from the oldest record still in the
+//!   outbox; the hub drops what it already has by its message id.
+//! - **core** mode: plain publish, then flush, then delete: at-most-once once the bytes have
+//!   left the socket (a hub that restarts at that moment loses them).
+//!
+//! Every message carries `Relaybox-Origin: <relay>`, which the downlink uses to skip the relay's
+//! own messages when they come back down, and the MQTT 5 user properties as headers.
+//!
+//! *Architecture invariant:* a record leaves the outbox only after the hub acknowledged it.
+//! The uplink is the only writer to the hub (with the downlink, the only users of async-nats).
+
+use std::pin::Pin;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use futures::stream::FuturesOrdered;
+use futures::{Future, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Secret, UplinkMode};
+use crate::liveness::Heartbeat;
+use crate::mapping;
+use crate::store::{OutboxRecord, Store, StoreError};
+use std::path::PathBuf;
+
+/// The header naming the relay a message came from.
+pub const ORIGIN_HEADER: &str = "Relaybox-Origin";
+/// How long the hub may take to acknowledge a publish.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stream created by the relay remembers message ids for de-duplication.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(10 * 60);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// When the pump (re)starts, records accepted this recently are live, not backlog: they were
+/// published while the uplink was reconnecting or retrying, not during the outage.
+const LIVE_HORIZON: Duration = Duration::from_secs(5);
+/// How far back from the newest record the live boundary is looked for.
+const LIVE_SCAN_MAX: usize = 4096;
+/// Acknowledged records are deleted in batches of this many, or after [`DELETE_EVERY`]: every
+/// delete is a store commit, and at low rates one per message would double what the store
+/// writes to flash. A delete that is late only means a resend after a crash, which the hub
+/// drops as a duplicate.
+const DELETE_BATCH: usize = 128;
+const DELETE_EVERY: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error("the hub url {url:?} is not valid: {reason}")]
+    Url { url: String, reason: String },
+    #[error("the hub did not acknowledge: {0}")]
+    Publish(String),
+    #[error("cannot set up stream {stream:?} on the hub: {reason}")]
+    Stream { stream: String, reason: String },
+    #[error("no stream on the hub captures {subject:?}: create one, or set create_stream = true")]
+    NoStream { subject: String },
+    #[error("cannot use hub credentials {path}: {reason}")]
+    Credentials { path: PathBuf, reason: String },
+    #[error("the hub connection was lost")]
+    Disconnected,
+    #[error("flushing to the hub failed: {0}")]
+    Flush(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the uplink needs to know.
+#[derive(Debug, Clone)]
+pub struct UplinkSettings {
+    pub relay: String,
+    pub url: String,
+    pub subject_prefix: String,
+    pub mode: UplinkMode,
+    pub stream: String,
+    pub create_stream: bool,
+    pub window: usize,
+    /// Cap on the backlog drain (live records are never held back).
+    pub drain_rate: Option<DrainRate>,
+    pub security: HubSecurity,
+}
+
+/// How the relay proves itself to the hub and checks the hub.
+#[derive(Debug, Clone, Default)]
+pub struct HubSecurity {
+    /// Use TLS (a `tls://` url, a CA file or a client certificate asks for it).
+    pub require_tls: bool,
+    pub ca_file: Option<PathBuf>,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub credentials_file: Option<PathBuf>,
+    pub nkey_seed_file: Option<PathBuf>,
+    pub user_password: Option<(String, Secret)>,
+    pub token: Option<Secret>,
+}
+
+/// The uplink's state and counters.
+#[derive(Debug, Default)]
+pub struct UplinkStatus {
+    pub connected: AtomicBool,
+    pub published: AtomicU64,
+    pub acknowledged: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub failures: AtomicU64,
+    pub unmappable: AtomicU64,
+    /// Sum and count of PubAck round trips, in microseconds, and the last one.
+    pub ack_latency_us_sum: AtomicU64,
+    pub ack_latency_count: AtomicU64,
+    pub ack_latency_us_last: AtomicU64,
+    /// The hub link: when it was last (re)established (ms since the Unix epoch), or `None` while
+    /// it is down. The pump waits for it, stops when it drops, and draws the line between
+    /// backlog and live records by it.
+    link: tokio::sync::watch::Sender<Option<u64>>,
+}
+
+impl UplinkStatus {
+    fn record_ack_latency(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.ack_latency_us_sum.fetch_add(us, Ordering::Relaxed);
+        self.ack_latency_count.fetch_add(1, Ordering::Relaxed);
+        self.ack_latency_us_last.store(us, Ordering::Relaxed);
+    }
+}
+
+/// Connects to the hub. Returns at once: the client keeps (re)connecting in the background,
+/// and `status.connected` follows its state.
+pub async fn connect(
+    settings: &UplinkSettings,
+    status: Arc<UplinkStatus>,
+) -> Result<async_nats::Client, UplinkError> {
+    let url = settings.url.clone();
+    let events = status.clone();
+    let sec = &settings.security;
+    let mut options = async_nats::ConnectOptions::new();
+    if let Some(path) = &sec.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| UplinkError::Credentials {
+                path: path.clone(),
+                reason: e.kind().to_string(),
+            })?;
+    }
+    if let Some(path) = &sec.nkey_seed_file {
+        let seed = std::fs::read_to_string(path).map_err(|e| UplinkError::Credentials {
+            path: path.clone(),
+            reason: e.kind().to_string(),
+        })?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    if let Some((user, password)) = &sec.user_password {
+        options = options.user_and_password(user.clone(), password.expose().to_owned());
+    }
+    if let Some(token) = &sec.token {
+        options = options.token(token.expose().to_owned());
+    }
+    if let Some(ca) = &sec.ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &sec.client_cert {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    if sec.require_tls {
+        options = options.require_tls(true);
+    }
+    options
+        .name(format!("relaybox-{}", settings.relay))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(reconnect_delay)
+        .event_callback(move |event| {
+            let status = events.clone();
+            async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        if !status.connected.swap(true, Ordering::Relaxed) {
+                            tracing::info!("hub connected");
+                        }
+                        status.link.send_replace(Some(unix_ms()));
+                    }
+                    async_nats::Event::Disconnected => {
+                        if status.connected.swap(false, Ordering::Relaxed) {
+                            tracing::warn!("hub disconnected; keeping messages in the outbox");
+                        }
+                        status.link.send_replace(None);
+                    }
+                    async_nats::Event::ServerError(error) => {
+                        tracing::warn!(%error, "hub reported an error");
+                    }
+                    // Said on every reconnect attempt: the disconnection itself was logged once.
+                    async_nats::Event::ClientError(error) => {
+                        tracing::debug!(%error, "hub connection error");
+                    }
+                    other => tracing::debug!(event = %other, "hub connection event"),
+                }
+            }
+        })
+        .connect(url.as_str())
+        .await
+        .map_err(|e| UplinkError::Url {
+            // A password in the url is not repeated in the error.
+            url: crate::config::shown_url(&url),
+            reason: e.to_string(),
+        })
+}
+
+/// How long to wait before reconnect attempt `attempts` (1-based): at once, then doubling from
+/// 100 ms up to one second, as a leaf node retries its hub every second. The hub is the
+/// organisation's own, and every second of delay is a second of backlog and live latency.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn reconnect_delay(attempts: usize) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let doublings = u32::try_from(attempts - 2).unwrap_or(u32::MAX).min(4);
+    (BACKOFF_MIN * 2u32.pow(doublings)).min(RECONNECT_MAX)
+}
+
+/// Publishes the relay's status (`make` builds the encoded message) to
+/// `<subject_prefix>.$relay.status` every `interval` until `shutdown`. Best effort: a status
+/// that cannot be sent is skipped, never kept.
+pub async fn publish_status(
+    client: async_nats::Client,
+    relay: String,
+    subject_prefix: String,
+    interval: Duration,
+    make: impl Fn() -> Vec<u8> + Send,
+    shutdown: CancellationToken,
+) {
+    let subject = format!("{subject_prefix}.$relay.status");
+    // The relay name is checked at config load to be letters, digits, '-' and '_'.
+    let origin = relay;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        if client.connection_state() != async_nats::connection::State::Connected {
+            continue;
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(ORIGIN_HEADER, origin.as_str());
+        if let Err(error) = client
+            .publish_with_headers(subject.clone(), headers, make().into())
+            .await
+        {
+            tracing::debug!(%error, "status not sent");
+        }
+    }
+}
+
+/// Runs until `shutdown`; what is not acknowledged by then stays in the outbox.
+pub async fn run(
+    settings: UplinkSettings,
+    client: async_nats::Client,
+    store: Store,
+    status: Arc<UplinkStatus>,
+    shutdown: CancellationToken,
+) {
+    let heartbeat = Heartbeat::unwatched("uplink");
+    run_with_heartbeat(settings, client, store, status, shutdown, heartbeat).await;
+}
+
+/// As [`run`], beating `heartbeat` while it runs, also while it waits for the hub or backs
+/// off (waiting for the hub is alive), so that an uplink task that died or cannot be run shows
+/// as a stall.
+pub async fn run_with_heartbeat(
+    settings: UplinkSettings,
+    client: async_nats::Client,
+    store: Store,
+    status: Arc<UplinkStatus>,
+    shutdown: CancellationToken,
+    heartbeat: Heartbeat,
+) {
+    let mut js = jetstream::new(client.clone());
+    js.set_timeout(ACK_TIMEOUT);
+    let mut stream_ready = !(settings.create_stream && settings.mode == UplinkMode::Jetstream);
+    let mut backoff = BACKOFF_MIN;
+    let mut last_error = String::new();
+    // Acknowledged records not yet deleted; kept here so that a shutdown deletes them too.
+    let mut acked: Vec<u64> = Vec::with_capacity(DELETE_BATCH);
+    loop {
+        let acked = &mut acked;
+        let mut link = status.link.subscribe();
+        let attempt = async {
+            // Nothing is sent while the hub is away: what is accepted meanwhile is backlog.
+            let connected_at = link
+                .wait_for(|l| l.is_some())
+                .await
+                .ok()
+                .and_then(|l| *l)
+                .unwrap_or(0);
+            if !stream_ready {
+                ensure_stream(&js, &settings.stream, &settings.subject_prefix).await?;
+                tracing::info!(stream = settings.stream, "hub stream ready");
+                stream_ready = true;
+            }
+            match settings.mode {
+                UplinkMode::Jetstream => {
+                    pump_jetstream(&settings, &js, &store, &status, acked, connected_at).await
+                }
+                UplinkMode::Core => {
+                    pump_core(&settings, &client, &store, &status, connected_at).await
+                }
+            }
+        };
+        let result = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = heartbeat.beat_while(attempt) => r,
+        };
+        if let Err(UplinkError::Disconnected) = result {
+            // Logged by the connection's event handler; the next attempt waits for the hub.
+            continue;
+        }
+        if let Err(error) = result {
+            status.failures.fetch_add(1, Ordering::Relaxed);
+            let text = error.to_string();
+            // Say it once per kind of failure, not once per retry.
+            if text != last_error {
+                tracing::warn!(%error, "uplink paused; will retry");
+                last_error = text;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = heartbeat.beat_while(tokio::time::sleep(backoff)) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        } else {
+            backoff = BACKOFF_MIN;
+        }
+    }
+    let _ = store.delete(acked);
+    tracing::debug!("uplink stopped");
+}
+
+/// Creates the hub stream `name` over `<subject_prefix>.>` unless it exists.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    name: &str,
+    subject_prefix: &str,
+) -> Result<(), UplinkError> {
+    let config = stream::Config {
+        name: name.to_owned(),
+        subjects: vec![format!("{subject_prefix}.>")],
+        duplicate_window: DUPLICATE_WINDOW,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    };
+    js.get_or_create_stream(config)
+        .await
+        .map_err(|e| UplinkError::Stream {
+            stream: name.to_owned(),
+            reason: e.to_string(),
+        })?;
+    tracing::debug!(stream = name, "hub stream ready");
+    Ok(())
+}
+
+type AckFuture = Pin<
+    Box<
+        dyn Future<
+                Output = (
+                    u64,
+                    bool,
+                    tokio::time::Instant,
+                    Result<jetstream::publish::PublishAck, jetstream::context::PublishError>,
+                ),
+            > + Send,
+    >,
+>;
+
+/// Which records to send next: live ones first, then the backlog in the room that is left.
+///
+/// Records accepted while the hub link is down are backlog; records accepted since it came up
+/// are live. When the pump starts (at start-up, on reconnection, or again after a failure while
+/// connected), the records accepted since the link came up, looking back at most
+/// [`LIVE_HORIZON`], and every record appended from then on are live; the older ones are
+/// backlog. Within the live records and within the backlog the order is the
+/// outbox order; a live record may overtake older backlog records, also of the same topic.
+struct Cursors {
+    /// The first live sequence.
+    live_from: u64,
+    /// The last live record handed to the hub.
+    live: u64,
+    /// The last backlog record handed to the hub.
+    backlog: u64,
+    drain: Option<DrainLimiter>,
+}
+
+impl Cursors {
+    async fn new(
+        store: &Store,
+        drain: Option<DrainRate>,
+        connected_at: u64,
+    ) -> Result<Cursors, UplinkError> {
+        let horizon = unix_ms().saturating_sub(LIVE_HORIZON.as_millis() as u64);
+        let since = horizon.max(connected_at);
+        let live_from = store.first_recent(since, LIVE_SCAN_MAX).await?;
+        Ok(Cursors {
+            live_from,
+            live: live_from.saturating_sub(1),
+            backlog: 0,
+            drain: drain.map(DrainLimiter::new),
+        })
+    }
+
+    fn backlog_left(&self) -> bool {
+        self.backlog + 1 < self.live_from
+    }
+
+    /// Up to `room` records: live first, then at most `backlog_room` backlog records within
+    /// the drain rate. Returns the records and how many of them (the last ones) are backlog.
+    async fn next(
+        &mut self,
+        store: &Store,
+        room: usize,
+        backlog_room: usize,
+    ) -> Result<(Vec<(u64, OutboxRecord)>, usize), UplinkError> {
+        let mut out = store.read_after(self.live, room).await?;
+        if let Some((seq, _)) = out.last() {
+            self.live = *seq;
+        }
+        let room = (room - out.len()).min(backlog_room);
+        let mut from_backlog = 0;
+        if room > 0 && self.backlog_left() {
+            let allowed = self.drain.as_mut().map_or(room, |d| d.available(room));
+            if allowed > 0 {
+                let backlog = store
+                    .read_between(self.backlog, self.live_from, allowed)
+                    .await?;
+                match backlog.last() {
+                    Some((seq, _)) => self.backlog = *seq,
+                    // Nothing left below the live boundary (dropped or acknowledged).
+                    None => self.backlog = self.live_from.saturating_sub(1),
+                }
+                if let Some(d) = self.drain.as_mut() {
+                    d.spend(&backlog);
+                }
+                from_backlog = backlog.len();
+                out.extend(backlog);
+            }
+        }
+        Ok((out, from_backlog))
+    }
+
+    /// How long to wait for more to send when nothing was ready.
+    fn pause(&self) -> Duration {
+        match &self.drain {
+            Some(d) if self.backlog_left() => d.until_next().min(IDLE_WAIT),
+            _ => IDLE_WAIT,
+        }
+    }
+}
+
+/// How long the pump waits for new records when it has nothing to do.
+const IDLE_WAIT: Duration = Duration::from_millis(250);
+/// The window is refilled once this many places are free (or new records came, or nothing is
+/// in flight), so that reading the outbox is done in batches.
+const REFILL_AT: usize = 32;
+
+/// At most this share of the window (1/n) carries backlog: the hub stores a connection's
+/// publishes in order, so a live record waits behind every backlog publish in flight.
+const BACKLOG_SHARE: usize = 4;
+
+/// The backlog drain cap: `[uplink] drain_rate`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DrainRate {
+    MessagesPerSecond(f64),
+    BytesPerSecond(f64),
+}
+
+impl DrainRate {
+    /// Parses `"200 msg/s"`, `"64 KiB/s"`, `"1 MiB/s"`, `"500 B/s"`.
+    pub fn parse(text: &str) -> Result<DrainRate, String> {
+        let bad = || {
+            format!("drain rate {text:?} must look like \"200 msg/s\", \"500 B/s\", \"64 KiB/s\" or \"1 MiB/s\"")
+        };
+        let t = text.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let (n, unit) = t.split_at(split);
+        let n: f64 = n.parse().map_err(|_| bad())?;
+        if n <= 0.0 || !n.is_finite() {
+            return Err(bad());
+        }
+        Ok(match unit.trim() {
+            "msg/s" => DrainRate::MessagesPerSecond(n),
+            "B/s" => DrainRate::BytesPerSecond(n),
+            "KiB/s" => DrainRate::BytesPerSecond(n * 1024.0),
+            "MiB/s" => DrainRate::BytesPerSecond(n * 1024.0 * 1024.0),
+            _ => return Err(bad()),
+        })
+    }
+}
+
+/// A token bucket holding at most one second of the rate.
+struct DrainLimiter {
+    rate: DrainRate,
+    tokens: f64,
+    last: tokio::time::Instant,
+}
+
+impl DrainLimiter {
+    fn new(rate: DrainRate) -> DrainLimiter {
+        DrainLimiter {
+            rate,
+            tokens: 0.0,
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    fn per_second(&self) -> f64 {
+        match self.rate {
+            DrainRate::MessagesPerSecond(n) | DrainRate::BytesPerSecond(n) => n,
+        }
+    }
+
+    fn refill(&mut self) {
+        let now = tokio::time::Instant::now();
+        let rate = self.per_second();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(rate);
+        self.last = now;
+    }
+
+    /// How many records may be read now (for a byte rate: as long as any budget is left,
+    /// records are read one at a time and paid for after).
+    fn available(&mut self, room: usize) -> usize {
+        self.refill();
+        match self.rate {
+            DrainRate::MessagesPerSecond(_) => (self.tokens.floor() as usize).min(room),
+            DrainRate::BytesPerSecond(_) => usize::from(self.tokens >= 1.0).min(room),
+        }
+    }
+
+    fn spend(&mut self, records: &[(u64, OutboxRecord)]) {
+        self.tokens -= match self.rate {
+            DrainRate::MessagesPerSecond(_) => records.len() as f64,
+            DrainRate::BytesPerSecond(_) => records
+                .iter()
+                .map(|(_, r)| (r.payload.len() + r.topic.len()) as f64)
+                .sum(),
+        };
+    }
+
+    fn until_next(&self) -> Duration {
+        let missing = (1.0 - self.tokens).max(0.0);
+        Duration::from_secs_f64(missing / self.per_second()).max(Duration::from_millis(1))
+    }
+}
+
+/// Publishes until an error; returns only with one (shutdown is handled by the caller).
+async fn pump_jetstream(
+    s: &UplinkSettings,
+    js: &jetstream::Context,
+    store: &Store,
+    status: &UplinkStatus,
+    acked: &mut Vec<u64>,
+    connected_at: u64,
+) -> Result<(), UplinkError> {
+    let mut link = status.link.subscribe();
+    let mut cursors = Cursors::new(store, s.drain_rate, connected_at).await?;
+    let mut inflight: FuturesOrdered<AckFuture> = FuturesOrdered::new();
+    let mut inflight_backlog = 0usize;
+    let mut first_acked = tokio::time::Instant::now();
+    let backlog_cap = (s.window / BACKLOG_SHARE).max(1);
+    let epoch = store.epoch();
+    let mut fresh = true;
+    loop {
+        let room = s.window - inflight.len();
+        if room > 0 && (fresh || room >= REFILL_AT.min(s.window) || inflight.is_empty()) {
+            fresh = false;
+            let backlog_room = backlog_cap.saturating_sub(inflight_backlog);
+            let (records, from_backlog) = cursors.next(store, room, backlog_room).await?;
+            let first_backlog = records.len() - from_backlog;
+            for (i, (seq, record)) in records.into_iter().enumerate() {
+                let is_backlog = i >= first_backlog;
+                let Some((subject, headers)) = prepare(s, store, status, seq, &record) else {
+                    continue;
+                };
+                let mut headers = headers;
+                headers.insert(
+                    async_nats::header::NATS_MESSAGE_ID,
+                    format!("{}-{}-{}", s.relay, epoch, seq).as_str(),
+                );
+                let publish = jetstream::message::PublishMessage::build()
+                    .payload(record.payload)
+                    .headers(headers);
+                let future = js
+                    .send_publish(subject, publish)
+                    .await
+                    .map_err(|e| UplinkError::Publish(e.to_string()))?;
+                status.published.fetch_add(1, Ordering::Relaxed);
+                if is_backlog {
+                    inflight_backlog += 1;
+                }
+                let sent = tokio::time::Instant::now();
+                inflight.push_back(Box::pin(
+                    async move { (seq, is_backlog, sent, future.await) },
+                ));
+            }
+        }
+        if inflight.is_empty() {
+            let pause = if acked.is_empty() {
+                cursors.pause()
+            } else {
+                cursors
+                    .pause()
+                    .min(DELETE_EVERY.saturating_sub(first_acked.elapsed()))
+            };
+            store.wait_for_records(pause).await;
+            if !acked.is_empty() && first_acked.elapsed() >= DELETE_EVERY {
+                store.delete(std::mem::take(acked))?;
+            }
+            fresh = true;
+            continue;
+        }
+        let waiting_room = inflight.len() < s.window;
+        tokio::select! {
+            done = inflight.next() => {
+                let Some((seq, was_backlog, sent, result)) = done else { continue };
+                if was_backlog {
+                    inflight_backlog -= 1;
+                }
+                match result {
+                    Ok(ack) => {
+                        if ack.duplicate {
+                            status.duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
+                        status.acknowledged.fetch_add(1, Ordering::Relaxed);
+                        status.record_ack_latency(sent.elapsed());
+                        if acked.is_empty() {
+                            first_acked = tokio::time::Instant::now();
+                        }
+                        acked.push(seq);
+                        if acked.len() >= DELETE_BATCH || first_acked.elapsed() >= DELETE_EVERY {
+                            store.delete(std::mem::take(acked))?;
+                        }
+                    }
+                    Err(e) => {
+                        store.delete(std::mem::take(acked))?;
+                        return Err(match e.kind() {
+                            PublishErrorKind::StreamNotFound => UplinkError::NoStream {
+                                subject: format!("{}.>", s.subject_prefix),
+                            },
+                            _ => UplinkError::Publish(e.to_string()),
+                        });
+                    }
+                }
+            }
+            _ = store.wait_for_records(cursors.pause()), if waiting_room => fresh = true,
+            _ = link.wait_for(|l| l.is_none()) => {
+                // What is in flight may or may not have reached the hub: it stays in the
+                // outbox and is sent again, and the hub drops what it has by message id.
+                store.delete(std::mem::take(acked))?;
+                return Err(UplinkError::Disconnected);
+            }
+        }
+    }
+}
+
+async fn pump_core(
+    s: &UplinkSettings,
+    client: &async_nats::Client,
+    store: &Store,
+    status: &UplinkStatus,
+    connected_at: u64,
+) -> Result<(), UplinkError> {
+    let mut cursors = Cursors::new(store, s.drain_rate, connected_at).await?;
+    loop {
+        let (records, _) = cursors.next(store, s.window, s.window).await?;
+        if records.is_empty() {
+            store.wait_for_records(cursors.pause()).await;
+            continue;
+        }
+        let mut sent = Vec::with_capacity(records.len());
+        for (seq, record) in records {
+            sent.push(seq);
+            let Some((subject, headers)) = prepare(s, store, status, seq, &record) else {
+                continue;
+            };
+            client
+                .publish_with_headers(subject, headers, record.payload)
+                .await
+                .map_err(|e| UplinkError::Publish(e.to_string()))?;
+            status.published.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::time::timeout(ACK_TIMEOUT, client.flush())
+            .await
+            .map_err(|_| UplinkError::Flush("timed out".into()))?
+            .map_err(|e| UplinkError::Flush(e.to_string()))?;
+        status
+            .acknowledged
+            .fetch_add(sent.len() as u64, Ordering::Relaxed);
+        store.delete(sent)?;
+    }
+}
+
+/// The subject and headers of a record; `None` (and the record dropped, counted) when its
+/// topic has no subject.
+fn prepare(
+    s: &UplinkSettings,
+    store: &Store,
+    status: &UplinkStatus,
+    seq: u64,
+    record: &OutboxRecord,
+) -> Option<(String, HeaderMap)> {
+    let subject = match mapping::topic_to_subject(&s.subject_prefix, &record.topic) {
+        Ok(subject) => subject,
+        Err(error) => {
+            status.unmappable.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%error, seq, "outbox record has no NATS subject; dropping it");
+            let _ = store.delete(vec![seq]);
+            return None;
+        }
+    };
+    let mut headers = HeaderMap::new();
+    if let Ok(origin) = HeaderValue::from_str(&s.relay) {
+        headers.insert(ORIGIN_HEADER, origin);
+    }
+    for h in &record.headers {
+        // User properties that cannot be NATS headers (':' or control characters in the
+        // name, line breaks in the value) are left out rather than failing the message.
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_str(&h.name),
+            HeaderValue::from_str(&h.value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    Some((subject, headers))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_rates_parse() {
+        assert_eq!(
+            DrainRate::parse("200 msg/s"),
+            Ok(DrainRate::MessagesPerSecond(200.0))
+        );
+        assert_eq!(
+            DrainRate::parse("2KiB/s"),
+            Ok(DrainRate::BytesPerSecond(2048.0))
+        );
+        assert_eq!(
+            DrainRate::parse("1 MiB/s"),
+            Ok(DrainRate::BytesPerSecond(1048576.0))
+        );
+        assert_eq!(
+            DrainRate::parse("500 B/s"),
+            Ok(DrainRate::BytesPerSecond(500.0))
+        );
+        for bad in ["", "fast", "0 msg/s", "-1 msg/s", "10 msgs", "10"] {
+            assert!(DrainRate::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reconnects_are_at_most_a_second_apart() {
+        let delays: Vec<u64> = (1..=9)
+            .map(|n| reconnect_delay(n).as_millis() as u64)
+            .collect();
+        assert_eq!(delays, [0, 100, 200, 400, 800, 1000, 1000, 1000, 1000]);
+        assert_eq!(reconnect_delay(usize::MAX), RECONNECT_MAX);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_limiter_keeps_to_its_rate() {
+        let mut d = DrainLimiter::new(DrainRate::MessagesPerSecond(100.0));
+        let mut taken = 0;
+        for _ in 0..1000 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            let n = d.available(1000);
+            taken += n;
+            d.tokens -= n as f64;
+        }
+        // Ten seconds at 100 msg/s.
+        assert!((990..=1000).contains(&taken), "{taken}");
+    }
+}

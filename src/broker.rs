@@ -433,6 +433,9 @@ pub enum CodecError {
     NotConnect,
     #[error("unsupported MQTT protocol level {0}")]
     UnsupportedLevel(u8),
+    /// A well-formed packet that breaks a rule of the protocol (MQTT 5 reason 0x82).
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
 }
 
 /// What a fixed header says about the next packet in a buffer.
@@ -529,6 +532,14 @@ pub fn decode_connect(packet: &[u8], max_packet_size: usize) -> Result<ConnectIn
         Version::V5 => V5.read_mut(&mut buf, max_packet_size),
     };
     match decoded {
+        Ok(protocol::Packet::Connect(_, Some(props), ..)) if props.receive_maximum == Some(0) => {
+            Err(CodecError::Protocol("CONNECT with a Receive Maximum of 0"))
+        }
+        Ok(protocol::Packet::Connect(_, Some(props), ..)) if props.max_packet_size == Some(0) => {
+            Err(CodecError::Protocol(
+                "CONNECT with a Maximum Packet Size of 0",
+            ))
+        }
         Ok(protocol::Packet::Connect(connect, props, will, _, login)) => Ok(ConnectInfo {
             version,
             client_id: connect.client_id,
@@ -1035,23 +1046,34 @@ pub fn connack_refusal(version: Version, refusal: ConnectRefusal) -> Bytes {
     };
     match version {
         Version::V4 => Bytes::from(vec![0x20, 0x02, 0x00, code]),
-        // Session present 0, reason, and a reason string.
-        Version::V5 => {
-            let reason = match refusal {
+        Version::V5 => connack_v5_refusal(
+            code,
+            match refusal {
                 ConnectRefusal::BadCredentials => "bad user name or password",
                 ConnectRefusal::NotAuthorized => "a user name and password are needed",
                 ConnectRefusal::Busy => "too many connections",
                 ConnectRefusal::BadClientId => "client identifier not accepted",
                 ConnectRefusal::BadWillTopic => "will topic not accepted",
-            };
-            let mut props = vec![0x1f];
-            props.extend_from_slice(&(reason.len() as u16).to_be_bytes());
-            props.extend_from_slice(reason.as_bytes());
-            let mut out = vec![0x20, (3 + props.len()) as u8, 0x00, code, props.len() as u8];
-            out.extend(props);
-            Bytes::from(out)
-        }
+            },
+        ),
     }
+}
+
+/// An MQTT 5 CONNACK "protocol error" (0x82) that says what was wrong.
+pub fn connack_protocol_error(what: &str) -> Bytes {
+    connack_v5_refusal(0x82, what)
+}
+
+/// An MQTT 5 CONNACK: session present 0, `code`, and `reason` as its Reason String (cut to
+/// fit a one-byte remaining length).
+fn connack_v5_refusal(code: u8, reason: &str) -> Bytes {
+    let reason = &reason.as_bytes()[..reason.len().min(100)];
+    let mut props = vec![0x1f];
+    props.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+    props.extend_from_slice(reason);
+    let mut out = vec![0x20, (3 + props.len()) as u8, 0x00, code, props.len() as u8];
+    out.extend(props);
+    Bytes::from(out)
 }
 
 /// What the gate adds to an MQTT 5 CONNACK from the broker.

@@ -2223,6 +2223,62 @@ async fn refusals_carry_the_right_reason_codes() {
     c.finish();
 }
 
+#[tokio::test]
+async fn zero_limits_in_a_connect_are_refused_as_protocol_errors() {
+    let relay = relay("v5-zero-limits").await;
+    let port = relay.port();
+    let mut c = Checks::new("zero limits");
+    // [MQTT-3.1.2.11.3] Receive Maximum 0 and [MQTT-3.1.2.11.4] Maximum Packet Size 0 are
+    // protocol errors: CONNACK 0x82, then the connection is closed.
+    let cases = [
+        (
+            "Receive Maximum 0",
+            Props::new().u16(prop::RECEIVE_MAXIMUM, 0),
+        ),
+        (
+            "Maximum Packet Size 0",
+            Props::new().u32(prop::MAXIMUM_PACKET_SIZE, 0),
+        ),
+    ];
+    for (what, props) in cases {
+        let conn = Conn::new(&format!("zero-{}", what.len())).props(props);
+        let (mut m, ack) = Mqtt::try_connect(port, &conn).await;
+        match ack {
+            Some(ack) => {
+                c.check(
+                    ack.reason == 0x82,
+                    format!("{what}: CONNACK 0x{:02x}, want 0x82", ack.reason),
+                );
+                let reason = ack.props.str_of(prop::REASON_STRING).unwrap_or_default();
+                c.check(
+                    reason.contains(what.trim_end_matches(" 0")),
+                    format!("{what}: reason string {reason:?} does not name it"),
+                );
+                let (closed, _) = m.closed_within(WAIT).await;
+                c.check(closed, format!("{what}: connection not closed"));
+            }
+            None => {
+                c.check(false, format!("{what}: no CONNACK (closed {})", m.closed));
+            }
+        }
+    }
+    // Limits of 1 are legal, and the relay still serves.
+    let ok = Conn::new("zero-ok").props(
+        Props::new()
+            .u16(prop::RECEIVE_MAXIMUM, 1)
+            .u32(prop::MAXIMUM_PACKET_SIZE, 1024),
+    );
+    let (_m, ack) = Mqtt::try_connect(port, &ok).await;
+    c.check(
+        ack.as_ref().is_some_and(|a| a.reason == 0x00),
+        format!(
+            "limits of 1 and 1024: CONNACK {:02x?}, want 0x00",
+            ack.map(|a| a.reason)
+        ),
+    );
+    c.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 19. QoS 0/1/2 and the delivered QoS (§4.3, §3.8.4)
 // ---------------------------------------------------------------------------------------------

@@ -205,6 +205,14 @@ where
             let _ = client_wr.write_all(&[0x20, 0x02, 0x00, 0x01]).await;
             return Err(CodecError::UnsupportedLevel(level).into());
         }
+        Err(CodecError::Protocol(what)) => {
+            // Only MQTT 5 CONNECT properties are checked this way: the answer is a 5 CONNACK.
+            let _ = client_wr
+                .write_all(&broker::connack_protocol_error(what))
+                .await;
+            let _ = client_wr.shutdown().await;
+            return Err(CodecError::Protocol(what).into());
+        }
         Err(e) => return Err(e.into()),
     };
     let login = if broker::client_id_acceptable(&info.client_id) {
@@ -322,10 +330,10 @@ where
         client_id,
         user,
         keep_alive: info.keep_alive,
-        // The client's limits on what it is sent; 3.1.1 has neither. (Receive Maximum 0 is a
-        // protocol error; taken as 1 rather than holding every QoS 1/2 message for good.)
+        // The client's limits on what it is sent; 3.1.1 has neither. (A CONNECT with Receive
+        // Maximum or Maximum Packet Size 0 was refused above as a protocol error.)
         receive_maximum: match info.version {
-            Version::V5 => usize::from(info.receive_maximum.max(1)),
+            Version::V5 => usize::from(info.receive_maximum),
             Version::V4 => usize::MAX,
         },
         maximum_packet_size: match info.version {

@@ -91,6 +91,14 @@ pub struct OutboxStatus {
     pub commit_failures: u64,
     pub file_bytes: u64,
     pub compactions: u64,
+    /// Topics with a retained message kept in the store, and the bytes they take.
+    #[serde(default)]
+    pub retained_messages: u64,
+    #[serde(default)]
+    pub retained_bytes: u64,
+    /// Retained messages refused for `max_retained_bytes`.
+    #[serde(default)]
+    pub retained_refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -213,6 +221,9 @@ impl Sources {
                 commit_failures: load(&o.commit_failures),
                 file_bytes: load(&o.file_bytes),
                 compactions: load(&o.compactions),
+                retained_messages: load(&o.retained_messages),
+                retained_bytes: load(&o.retained_bytes),
+                retained_refused: load(&o.retained_refused),
             },
             uplink: self.uplink.as_ref().map(|u| {
                 let count = load(&u.ack_latency_count);
@@ -400,6 +411,24 @@ pub fn metrics(s: &Status) -> String {
         "counter",
         "Outbox commits that failed.",
         &[("", f(s.outbox.commit_failures))],
+    );
+    metric(
+        "retained_messages",
+        "gauge",
+        "Topics with a retained message kept in the store.",
+        &[("", f(s.outbox.retained_messages))],
+    );
+    metric(
+        "retained_bytes",
+        "gauge",
+        "Bytes the retained messages take against max_retained_bytes.",
+        &[("", f(s.outbox.retained_bytes))],
+    );
+    metric(
+        "retained_refused_total",
+        "counter",
+        "Retained messages refused because max_retained_bytes was reached.",
+        &[("", f(s.outbox.retained_refused))],
     );
     metric(
         "store_file_bytes",
@@ -635,6 +664,11 @@ pub fn summary(s: &Status) -> String {
         s.outbox.dropped_oldest,
         s.outbox.dropped_age,
         s.outbox.refused
+    );
+    let _ = writeln!(
+        out,
+        "retained: {} messages, {} bytes; {} refused (max_retained_bytes)",
+        s.outbox.retained_messages, s.outbox.retained_bytes, s.outbox.retained_refused
     );
     let _ = writeln!(
         out,

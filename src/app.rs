@@ -41,7 +41,11 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let write_bytes_at_start = admin::process_write_bytes();
-    let (store, committer) = Store::open(&config.relay.data_dir, &config.outbox)?;
+    let (store, committer) = Store::open(
+        &config.relay.data_dir,
+        &config.outbox,
+        config.mqtt.max_retained_bytes,
+    )?;
     // The core loops' heartbeats, watched by the systemd watchdog.
     let liveness = Liveness::new();
     let committer_heartbeat = liveness.heartbeat("outbox committer");

@@ -104,6 +104,10 @@ pub struct MqttConfig {
     /// A client must send CONNECT within this many milliseconds of opening its socket.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Bytes the retained messages (topics and stored records) may take in the store, over
+    /// all topics; a retained message beyond it is refused.
+    #[serde(default = "default_max_retained_bytes")]
+    pub max_retained_bytes: u64,
 }
 
 impl Default for MqttConfig {
@@ -122,6 +126,7 @@ impl Default for MqttConfig {
             max_connections: default_max_connections(),
             max_inflight: default_max_inflight(),
             connect_timeout_ms: default_connect_timeout_ms(),
+            max_retained_bytes: default_max_retained_bytes(),
         }
     }
 }
@@ -497,6 +502,9 @@ fn default_max_inflight() -> usize {
 fn default_connect_timeout_ms() -> u64 {
     10_000
 }
+fn default_max_retained_bytes() -> u64 {
+    16 * 1024 * 1024
+}
 fn default_max_bytes() -> u64 {
     256 * 1024 * 1024
 }
@@ -705,6 +713,7 @@ impl Config {
             ("max_inflight", m.max_inflight as u64, 1),
             ("max_packet_size", m.max_packet_size as u64, 64),
             ("connect_timeout_ms", m.connect_timeout_ms, 100),
+            ("max_retained_bytes", m.max_retained_bytes, 1024),
         ] {
             if value < min {
                 return Err(invalid(

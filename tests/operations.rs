@@ -15,36 +15,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// GETs `path` from the relay's admin endpoint.
-async fn admin_get(port: u16, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(("127.0.0.1", port)),
-    )
-    .await
-    .expect("admin connect in time")
-    .expect("admin endpoint reachable");
-    stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
-        .await
-        .expect("send request");
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
-        .await
-        .expect("admin answers in time")
-        .expect("read answer");
-    let text = String::from_utf8(out).expect("utf-8 answer");
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-    text.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
-}
-
-async fn status(port: u16) -> serde_json::Value {
-    serde_json::from_str(&admin_get(port, "/status").await).expect("status is JSON")
-}
-
 /// Every message of the hub stream with the time the hub stored it (ms since the epoch):
 /// (stream sequence, payload, stored at).
 async fn stored_times(url: &str) -> Vec<(u64, Vec<u8>, u64)> {
@@ -196,7 +166,7 @@ async fn backlog_scenario(name: &str, drain_rate: Option<&str>) -> (Vec<u64>, Ve
     // Live traffic is what is published while the link is up: what the relay accepts before
     // it has reconnected is backlog.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while status(admin).await["uplink"]["connected"] != true {
+    while admin_status(admin).await["uplink"]["connected"] != true {
         assert!(
             tokio::time::Instant::now() < deadline,
             "relay reconnects to the hub"
@@ -339,7 +309,7 @@ async fn max_age_drops_exactly_the_old_records() {
         Duration::from_secs(30),
     )
     .await;
-    let s = status(admin).await;
+    let s = admin_status(admin).await;
     assert_eq!(s["outbox"]["dropped_age"], 100, "{s:#}");
     assert_eq!(s["outbox"]["messages"], 50, "{s:#}");
 
@@ -406,7 +376,7 @@ async fn metrics_and_status_match_what_was_sent() {
     );
     // Acknowledged records are deleted in batches (at least every half second).
     for _ in 0..50 {
-        if status(admin).await["outbox"]["messages"] == 0 {
+        if admin_status(admin).await["outbox"]["messages"] == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -442,7 +412,7 @@ async fn metrics_and_status_match_what_was_sent() {
     assert!(sample(&scrape, "relaybox_flash_bytes_written_total", None) > 0.0);
     assert!(sample(&scrape, "relaybox_uplink_puback_latency_seconds_avg", None) > 0.0);
 
-    let json = status(admin).await;
+    let json = admin_status(admin).await;
     let out = std::process::Command::new(RELAY_BIN)
         .args(["status", "--json", "--config"])
         .arg(&relay.config_path)
@@ -551,7 +521,7 @@ async fn the_store_file_shrinks_after_a_drained_backlog() {
     )
     .await;
     tokio::time::sleep(Duration::from_millis(1_500)).await;
-    let peak = status(admin).await["outbox"]["file_bytes"]
+    let peak = admin_status(admin).await["outbox"]["file_bytes"]
         .as_u64()
         .unwrap();
     assert!(peak > 5_000_000, "the backlog takes room: {peak} bytes");
@@ -563,7 +533,7 @@ async fn the_store_file_shrinks_after_a_drained_backlog() {
     let mut after = peak;
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let s = status(admin).await;
+        let s = admin_status(admin).await;
         after = s["outbox"]["file_bytes"].as_u64().unwrap();
         if s["outbox"]["compactions"].as_u64().unwrap() > 0 && after < peak / 4 {
             break;

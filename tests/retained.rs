@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{publish_one_v5, Relay, RelayConfig};
+use common::{admin_status, publish_one_v5, Relay, RelayConfig};
 
 /// Publishes one retained message at `qos` over MQTT 3.1.1 and waits for its acknowledgement
 /// (QoS 1) or for the clean disconnect (QoS 0).
@@ -166,5 +166,127 @@ async fn qos0_retained_messages_are_kept_after_a_clean_stop() {
     assert_eq!(
         retained_now(relay.port(), "lights/#").await,
         vec![("lights/hall".to_owned(), b"on".to_vec(), vec![])]
+    );
+}
+
+/// Publishes one retained message over MQTT 5 at QoS 1 and returns the PUBACK's reason code.
+async fn retain_v5(port: u16, client_id: &str, topic: &str, payload: &[u8]) -> u8 {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::mqttbytes::v5::PubAckReason;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(opts, 8);
+    client
+        .publish(topic, QoS::AtLeastOnce, true, payload.to_vec())
+        .await
+        .expect("queue publish");
+    let code = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                    break match ack.reason {
+                        PubAckReason::Success => 0x00,
+                        PubAckReason::QuotaExceeded => 0x97,
+                        other => panic!("{client_id}: unexpected PUBACK {other:?}"),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => panic!("{client_id}: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("PUBACK in time");
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+    code
+}
+
+/// Publishes one retained QoS 1 message over MQTT 3.1.1 and tells whether it was acknowledged
+/// (`false`: the relay closed the connection instead).
+async fn retain_v4_acked(port: u16, client_id: &str, topic: &str, payload: &[u8]) -> bool {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(opts, 8);
+    client
+        .publish(topic, QoS::AtLeastOnce, true, payload.to_vec())
+        .await
+        .expect("queue publish");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .expect("PUBACK or close in time")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_bounded_by_max_retained_bytes() {
+    // 1,024 bytes: two retained messages of 400 payload bytes fit (each takes its topic and
+    // its stored record, about 450 bytes), a third does not.
+    let cfg = RelayConfig::new("retained-bound").mqtt("max_retained_bytes = 1024");
+    let admin = cfg.admin_port;
+    let mut relay = Relay::start(cfg).await;
+    let port = relay.port();
+    let big = [b'x'; 400];
+    assert_eq!(retain_v5(port, "b1", "r/1", &big).await, 0x00, "r/1");
+    assert_eq!(retain_v5(port, "b2", "r/2", &big).await, 0x00, "r/2");
+    assert_eq!(
+        retain_v5(port, "b3", "r/3", &big).await,
+        0x97,
+        "r/3 is beyond the bound: PUBACK 0x97 quota exceeded"
+    );
+    // A replacement needs room only for what it adds; a clear always fits and frees room.
+    assert_eq!(
+        retain_v5(port, "b4", "r/1", &[b'y'; 400]).await,
+        0x00,
+        "replace r/1"
+    );
+    assert_eq!(retain_v5(port, "b5", "r/2", b"").await, 0x00, "clear r/2");
+    assert_eq!(
+        retain_v5(port, "b6", "r/3", &big).await,
+        0x00,
+        "r/3 after the clear"
+    );
+    // QoS 0 beyond the bound is dropped (not passed on), 3.1.1 QoS 1 has its connection closed.
+    retain_v4(port, "b7", "r/4", &big, 0).await;
+    assert!(
+        !retain_v4_acked(port, "b8", "r/5", &big).await,
+        "3.1.1 has no refusal code: the connection is closed without PUBACK"
+    );
+    let expected = vec![
+        ("r/1".to_owned(), vec![b'y'; 400], vec![]),
+        ("r/3".to_owned(), big.to_vec(), vec![]),
+    ];
+    assert_eq!(retained_now(port, "r/#").await, expected);
+    let status = admin_status(admin).await;
+    assert_eq!(status["outbox"]["retained_messages"], 2, "{status}");
+    assert_eq!(status["outbox"]["retained_refused"], 3, "{status}");
+    let bytes = status["outbox"]["retained_bytes"].as_u64().expect("bytes");
+    assert!((800..=1024).contains(&bytes), "retained_bytes {bytes}");
+
+    // After a restart the bound counts what the store already holds.
+    relay.sigterm().await;
+    relay.restart().await;
+    let port = relay.port();
+    assert_eq!(retained_now(port, "r/#").await, expected, "after restart");
+    assert_eq!(
+        admin_status(admin).await["outbox"]["retained_bytes"],
+        bytes,
+        "the same bytes counted after a restart"
+    );
+    assert_eq!(retain_v5(port, "b9", "r/6", &big).await, 0x97, "r/6");
+    assert!(
+        relay.log().contains("max_retained_bytes"),
+        "the refusal is logged with the setting's name: {}",
+        relay.log()
     );
 }

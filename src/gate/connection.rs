@@ -665,19 +665,37 @@ impl Client<'_> {
         };
         // A retained message is kept in the store (the broker keeps it in memory only), with
         // the same durability as an exported one; an empty payload clears it.
+        // One beyond `max_retained_bytes` is refused as a whole: it neither reaches local
+        // subscribers nor goes to the hub.
         let mut tickets = Vec::with_capacity(2);
         if p.retain {
-            if p.qos == 0 {
-                if let Err(error) = shared.store.retain_nowait(&record).await {
+            let kept = if p.qos == 0 {
+                shared.store.retain_nowait(&record).await.map(|()| None)
+            } else {
+                shared.store.retain(&record).await.map(Some)
+            };
+            match kept {
+                Ok(ticket) => tickets.extend(ticket),
+                Err(reason @ StoreError::RetainedFull { .. }) => {
+                    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    if denials_logged.insert(format!("r:{topic}")) {
+                        tracing::warn!(client_id = self.client_id, topic, %reason, "publish refused");
+                    }
+                    return match (p.qos, self.version) {
+                        (0, _) => Ok(Forward::Reply(Bytes::new())),
+                        (qos, Version::V5) => Ok(Forward::Reply(broker::encode_refusal(
+                            qos,
+                            p.pkid,
+                            Refusal::QuotaExceeded,
+                            &reason.to_string(),
+                        ))),
+                        (_, Version::V4) => Err(ConnError::RefusedV4 { topic, reason }),
+                    };
+                }
+                Err(error) if p.qos == 0 => {
                     tracing::warn!(%error, topic, "QoS 0 retained message not kept in the store");
                 }
-            } else {
-                let ticket = shared
-                    .store
-                    .retain(&record)
-                    .await
-                    .map_err(|_| ConnError::Closed)?;
-                tickets.push(ticket);
+                Err(_) => return Err(ConnError::Closed),
             }
         }
         if exported {

@@ -10,7 +10,8 @@
 //! - `meta`: `epoch` (random, made when the file is created) and `next_seq`.
 //! - `retained`: MQTT topic → prost-encoded [`OutboxRecord`] of the topic's retained message
 //!   (the broker keeps them in memory only; they are restored into it at start). Not counted
-//!   against `max_bytes`: at most one record per topic.
+//!   against `max_bytes`: they have a bound of their own, `[mqtt] max_retained_bytes` (topic +
+//!   encoded record, summed over topics), beyond which a new retained message is refused.
 //!
 //! Promises:
 //! - An append resolves its [`Ticket`] only after the commit that holds the record returned,
@@ -29,9 +30,10 @@
 mod committer;
 pub mod users;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prost::Message;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -55,6 +57,11 @@ pub enum StoreError {
     Full { max_bytes: u64 },
     #[error("a message of {size} bytes is larger than the whole outbox ({max_bytes} bytes)")]
     TooLarge { size: u64, max_bytes: u64 },
+    #[error(
+        "retained messages would take more than max_retained_bytes ({max_bytes} bytes): \
+         retained message refused"
+    )]
+    RetainedFull { max_bytes: u64 },
     #[error("the outbox commit failed: {0}")]
     Commit(String),
     #[error("reading the outbox failed: {0}")]
@@ -83,6 +90,11 @@ pub struct OutboxStats {
     pub file_bytes: AtomicU64,
     /// Times the file was compacted after the outbox drained.
     pub compactions: AtomicU64,
+    /// Topics with a retained message, and the bytes they take (topic + encoded record).
+    pub retained_messages: AtomicU64,
+    pub retained_bytes: AtomicU64,
+    /// Retained messages refused for `max_retained_bytes`.
+    pub retained_refused: AtomicU64,
 }
 
 /// Resolves once the appended record is durable, with its sequence.
@@ -108,6 +120,39 @@ pub(crate) enum Request {
     },
 }
 
+/// What the retained messages take, topic by topic, against their bound.
+struct RetainedBudget {
+    sizes: HashMap<String, u64>,
+    total: u64,
+    max: u64,
+}
+
+impl RetainedBudget {
+    /// Takes room for a retained message of `size` bytes on `topic` (`None`: the topic's is
+    /// cleared), or refuses it when the total would pass the bound. A replacement needs room
+    /// only for what it adds; a clear always fits.
+    fn admit(&mut self, topic: &str, size: Option<u64>) -> Result<(), StoreError> {
+        let old = self.sizes.get(topic).copied().unwrap_or(0);
+        match size {
+            None => {
+                self.sizes.remove(topic);
+                self.total -= old;
+            }
+            Some(size) => {
+                let total = self.total - old + size;
+                if total > self.max {
+                    return Err(StoreError::RetainedFull {
+                        max_bytes: self.max,
+                    });
+                }
+                self.sizes.insert(topic.to_owned(), size);
+                self.total = total;
+            }
+        }
+        Ok(())
+    }
+}
+
 struct Shared {
     /// Readers and the committer share the database; compaction takes it alone.
     db: std::sync::RwLock<Database>,
@@ -117,6 +162,7 @@ struct Shared {
     next_seq: AtomicU64,
     stats: Arc<OutboxStats>,
     committed: Notify,
+    retained: Mutex<RetainedBudget>,
 }
 
 impl Shared {
@@ -154,8 +200,12 @@ impl Committer {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path, config: &OutboxConfig) -> Result<(Store, Committer), StoreError> {
+    /// Opens (or creates) the store in `dir`. Retained messages may take `max_retained_bytes`.
+    pub fn open(
+        dir: &Path,
+        config: &OutboxConfig,
+        max_retained_bytes: u64,
+    ) -> Result<(Store, Committer), StoreError> {
         let open_err = |reason: String| StoreError::Open {
             path: dir.to_path_buf(),
             reason,
@@ -164,10 +214,24 @@ impl Store {
         let path = dir.join("relaybox.redb");
         let db = Database::create(&path).map_err(|e| open_err(e.to_string()))?;
 
-        let (epoch, next_seq, records, bytes) = init(&db).map_err(open_err)?;
+        let Init {
+            epoch,
+            next_seq,
+            records,
+            bytes,
+            retained,
+        } = init(&db).map_err(open_err)?;
         let stats = OutboxStats::default();
         stats.records.store(records, Ordering::Relaxed);
         stats.bytes.store(bytes, Ordering::Relaxed);
+        // Retained messages kept before a lower bound was set stay; new ones wait for room.
+        let retained_total = retained.values().sum();
+        stats
+            .retained_messages
+            .store(retained.len() as u64, Ordering::Relaxed);
+        stats
+            .retained_bytes
+            .store(retained_total, Ordering::Relaxed);
         let shared = Arc::new(Shared {
             db: std::sync::RwLock::new(db),
             path: path.clone(),
@@ -175,6 +239,11 @@ impl Store {
             epoch,
             stats: Arc::new(stats),
             committed: Notify::new(),
+            retained: Mutex::new(RetainedBudget {
+                sizes: retained,
+                total: retained_total,
+                max: max_retained_bytes,
+            }),
         });
         let (tx, rx) = flume::bounded(8192);
         let inner = committer::Inner::new(shared.clone(), rx, config, next_seq);
@@ -246,6 +315,24 @@ impl Store {
         done: Option<oneshot::Sender<Result<u64, StoreError>>>,
     ) -> Result<(), StoreError> {
         let encoded = (!record.payload.is_empty()).then(|| record.encode_to_vec());
+        {
+            let size = encoded
+                .as_ref()
+                .map(|e| (record.topic.len() + e.len()) as u64);
+            let mut budget = match self.shared.retained.lock() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let stats = &self.shared.stats;
+            if let Err(error) = budget.admit(&record.topic, size) {
+                stats.retained_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(error);
+            }
+            stats
+                .retained_messages
+                .store(budget.sizes.len() as u64, Ordering::Relaxed);
+            stats.retained_bytes.store(budget.total, Ordering::Relaxed);
+        }
         self.requests
             .send_async(Request::Retain {
                 topic: record.topic.clone(),
@@ -412,15 +499,34 @@ fn read_retained(db: &Database) -> Result<(Vec<OutboxRecord>, Vec<String>), Stor
     Ok((out, corrupt))
 }
 
-/// Creates the tables on first open; returns (epoch, next sequence, records, bytes).
-fn init(db: &Database) -> Result<(u64, u64, u64, u64), String> {
+/// What the store holds when it opens.
+struct Init {
+    epoch: u64,
+    /// The sequence the next appended record gets.
+    next_seq: u64,
+    /// Records in the outbox and the bytes they count against `max_bytes`.
+    records: u64,
+    bytes: u64,
+    /// The bytes each topic's retained message takes.
+    retained: HashMap<String, u64>,
+}
+
+/// Creates the tables on first open and reads what they hold.
+fn init(db: &Database) -> Result<Init, String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     // Like the committer's: a power cut right after the start must not need a full repair.
     txn.set_quick_repair(true);
     let result = {
         let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
         let outbox = txn.open_table(OUTBOX).map_err(|e| e.to_string())?;
-        txn.open_table(RETAINED).map_err(|e| e.to_string())?;
+        let retained_table = txn.open_table(RETAINED).map_err(|e| e.to_string())?;
+        let mut retained = HashMap::new();
+        for item in retained_table.iter().map_err(|e| e.to_string())? {
+            let (k, v) = item.map_err(|e| e.to_string())?;
+            let topic = k.value().to_owned();
+            let size = (topic.len() + v.value().len()) as u64;
+            retained.insert(topic, size);
+        }
         let existing = meta
             .get("epoch")
             .map_err(|e| e.to_string())?
@@ -450,7 +556,13 @@ fn init(db: &Database) -> Result<(u64, u64, u64, u64), String> {
             records += 1;
             bytes += v.value().len() as u64 + KEY_COST;
         }
-        (epoch, stored_next.max(last + 1), records, bytes)
+        Init {
+            epoch,
+            next_seq: stored_next.max(last + 1),
+            records,
+            bytes,
+            retained,
+        }
     };
     txn.commit().map_err(|e| e.to_string())?;
     Ok(result)
@@ -473,7 +585,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_recent_tail_is_found_by_acceptance_time() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (store, committer) = Store::open(dir.path(), &OutboxConfig::default()).expect("open");
+        let (store, committer) =
+            Store::open(dir.path(), &OutboxConfig::default(), 1 << 20).expect("open");
         let thread = std::thread::spawn(move || committer.run());
         assert_eq!(store.first_recent(0, 100).await.expect("read"), 1, "empty");
         for at in [100, 200, 300, 400, 500] {

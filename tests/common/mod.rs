@@ -70,6 +70,37 @@ pub fn free_port() -> u16 {
     panic!("no free port below {ephemeral_low} found in 2000 attempts");
 }
 
+/// GETs `path` from the relay's admin endpoint.
+pub async fn admin_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(("127.0.0.1", port)),
+    )
+    .await
+    .expect("admin connect in time")
+    .expect("admin endpoint reachable");
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .expect("send request");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
+        .await
+        .expect("admin answers in time")
+        .expect("read answer");
+    let text = String::from_utf8(out).expect("utf-8 answer");
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default()
+}
+
+/// The relay's `/status` JSON.
+pub async fn admin_status(port: u16) -> serde_json::Value {
+    serde_json::from_str(&admin_get(port, "/status").await).expect("status is JSON")
+}
+
 /// True when something accepts TCP connections on 127.0.0.1:`port`.
 pub fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::broker::{Broker, BrokerSettings, Retained};
+use crate::broker_watch::{self, ProbeTiming, Prober};
 use crate::config::Config;
 use crate::downlink::{self, DownlinkSettings, DownlinkStatus};
 use crate::gate::{Gate, GateReload, GateSettings, TlsFiles};
@@ -95,6 +96,13 @@ pub async fn run_with(
         drop(reloader);
     }
     tracker.spawn(gate.serve_with_heartbeat(shutdown.clone(), liveness.heartbeat("gate")));
+    let timing = ProbeTiming::default();
+    tracker.spawn(broker_watch::watch(
+        Prober::new(&broker, timing.timeout),
+        timing,
+        liveness.heartbeat("local broker"),
+        shutdown.clone(),
+    ));
 
     let mut uplink_status = None;
     let mut downlink_status = None;

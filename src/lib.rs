@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod app;
 pub mod broker;
+pub mod broker_watch;
 pub mod config;
 pub mod downlink;
 pub mod gate;

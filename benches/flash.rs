@@ -38,29 +38,25 @@
 //!   FLASH_BENCH_LOAD_MESSAGES  cap of the 4-publisher load (default 50000)
 //!   BENCH_RELAYBOX, BENCH_NATS_SERVER, BENCH_TMPDIR, BENCH_RELAYBOX_LOG as in mqtt_to_hub.
 
-use std::fs;
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+mod common;
+
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tempfile::TempDir;
 use tokio::task::JoinHandle;
 
-const HUB_STREAM: &str = "BENCH";
-const LEAF_STREAM: &str = "EDGE";
-const START_LIMIT: Duration = Duration::from_secs(30);
-const PROBE_LIMIT: Duration = Duration::from_secs(60);
-/// Wait after the last message was stored before reading `/proc`, so deferred writes (the
-/// outbox deleting delivered records) count.
-const SETTLE: Duration = Duration::from_secs(1);
+use common::{
+    fetch_metrics, filesystem_of, load_average, machine, metric, nats_version, nodelay,
+    percentile_ms, read_io, vm_hwm_mib, wait_for_port, Ports, Probe, Programs, Servers, HUB_STREAM,
+    LEAF_STREAM, SETTLE,
+};
+
 /// The offered rates and payload sizes of the paced points.
 const RATES: [u64; 3] = [100, 1_000, 10_000];
 const PAYLOADS: [usize; 2] = [64, 1024];
@@ -114,10 +110,7 @@ struct Settings {
     stall: Duration,
     systems: Vec<System>,
     load_messages: usize,
-    relaybox: PathBuf,
-    relaybox_log: String,
-    nats_server: PathBuf,
-    tmp_root: PathBuf,
+    programs: Programs,
 }
 
 impl Settings {
@@ -153,223 +146,25 @@ impl Settings {
             .split(',')
             .map(System::parse)
             .collect::<Result<Vec<_>>>()?;
-        let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
         Ok(Settings {
             seconds: num("FLASH_BENCH_SECONDS", 5.0)?,
             stall: Duration::from_secs_f64(num("FLASH_BENCH_STALL", 20.0)?),
             systems,
             load_messages: num("FLASH_BENCH_LOAD_MESSAGES", 50_000.0)? as usize,
-            relaybox: var("BENCH_RELAYBOX")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| manifest.join("target/release/relaybox")),
-            relaybox_log: var("BENCH_RELAYBOX_LOG").unwrap_or_else(|| "warn".into()),
-            nats_server: var("BENCH_NATS_SERVER")
-                .map(PathBuf::from)
-                .or_else(|| find_on_path("nats-server"))
-                .unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server")),
-            tmp_root: var("BENCH_TMPDIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| manifest.join("target/bench-tmp")),
+            programs: Programs::from_env(),
         })
     }
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Child processes and /proc
-// ---------------------------------------------------------------------------------------------
-
-/// A server started by the bench: stopped (TERM, then KILL after 5 s) when dropped, and killed by
-/// the kernel if the bench dies (parent-death signal).
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(
-        name: &'static str,
-        program: &Path,
-        args: &[&str],
-        envs: &[(&str, &str)],
-        log: PathBuf,
-    ) -> Result<Proc> {
-        let out = fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let err = out.try_clone()?;
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        // SAFETY: the closure runs between fork and exec and only calls prctl (async-signal-safe,
-        // no allocation). Servers are spawned from the thread running `block_on`, which lives as
-        // long as the bench.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name} ({})", program.display()))?;
-        Ok(Proc { name, child, log })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn ensure_running(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited unexpectedly ({status})", self.name);
-        }
-        Ok(())
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let Ok(file) = fs::File::open(&self.log) else {
-            return String::new();
-        };
-        let all: Vec<String> = BufReader::new(file).lines().map_while(|l| l.ok()).collect();
-        let mut out = format!(
-            "--- last lines of {} log ({}):\n",
-            self.name,
-            self.log.display()
-        );
-        for line in &all[all.len().saturating_sub(lines)..] {
-            out.push_str("    ");
-            out.push_str(line);
-            out.push('\n');
-        }
-        out
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
-        }
-        // Our own unreaped child: the pid cannot have been reused.
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: kill(2) with a valid pid and signal has no memory-safety conditions.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!(
-            "{} did not stop within 5 s of SIGTERM; killing it",
-            self.name
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn proc_field(path: &str, key: &str) -> Result<u64> {
-    let text = fs::read_to_string(path).with_context(|| format!("read {path}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow!("{path} has no {key} line"))
-}
-
-/// `write_bytes` and `cancelled_write_bytes` of a process.
-fn read_io(pid: u32) -> Result<(u64, u64)> {
-    let path = format!("/proc/{pid}/io");
-    Ok((
-        proc_field(&path, "write_bytes:")?,
-        proc_field(&path, "cancelled_write_bytes:")?,
-    ))
-}
-
-fn vm_hwm_mib(pid: u32) -> Result<f64> {
-    Ok(proc_field(&format!("/proc/{pid}/status"), "VmHWM:")? as f64 / 1024.0)
-}
-
-/// Free ports below the ephemeral range, all held until all are chosen.
-fn free_ports<const N: usize>() -> Result<[u16; N]> {
-    let low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let range = 10_000..low.max(10_001);
-    let mut held = Vec::with_capacity(N);
-    for _ in 0..1000 {
-        if held.len() == N {
-            break;
-        }
-        if let Ok(l) = TcpListener::bind(("127.0.0.1", rand::random_range(range.clone()))) {
-            held.push(l);
-        }
-    }
-    while held.len() < N {
-        held.push(TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0")?);
-    }
-    let mut ports = [0u16; N];
-    for (port, l) in ports.iter_mut().zip(&held) {
-        *port = l.local_addr()?.port();
-    }
-    Ok(ports)
-}
-
-async fn wait_for_port(port: u16, procs: &mut [&mut Proc], what: &str) -> Result<()> {
-    let deadline = Instant::now() + START_LIMIT;
-    loop {
-        for p in procs.iter_mut() {
-            p.ensure_running()?;
-        }
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{what} did not accept connections on 127.0.0.1:{port} within {START_LIMIT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn connect_nats(port: u16) -> Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .request_timeout(Some(Duration::from_secs(10)))
-        .connect(format!("nats://127.0.0.1:{port}"))
-        .await
-        .with_context(|| format!("connect to nats-server on 127.0.0.1:{port}"))
-}
-
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .ok_or_else(|| anyhow!("path {} is not UTF-8", p.display()))
 }
 
 // ---------------------------------------------------------------------------------------------
 // The systems
 // ---------------------------------------------------------------------------------------------
 
-/// Field order is drop order: the system under test stops before the hub.
+/// One system's servers. Field order is drop order: the servers stop before their data directory
+/// goes.
 struct Rig {
-    sut: Proc,
-    hub: Proc,
+    servers: Servers,
+    system: System,
     /// Where the messages end up: the hub stream (relaybox) or the leaf stream (leaf).
     store_js: jetstream::Context,
     store_stream: &'static str,
@@ -379,15 +174,6 @@ struct Rig {
 }
 
 impl Rig {
-    fn logs(&self) -> String {
-        format!("{}{}", self.sut.log_tail(25), self.hub.log_tail(10))
-    }
-
-    fn ensure_running(&mut self) -> Result<()> {
-        self.sut.ensure_running()?;
-        self.hub.ensure_running()
-    }
-
     async fn stored(&self) -> Result<u64> {
         let mut s = self
             .store_js
@@ -399,194 +185,51 @@ impl Rig {
 }
 
 async fn start_rig(system: System, s: &Settings, logs: &mut String) -> Result<Rig> {
-    fs::create_dir_all(&s.tmp_root).with_context(|| format!("create {}", s.tmp_root.display()))?;
-    let dir = tempfile::Builder::new()
-        .prefix("flash-")
-        .tempdir_in(&s.tmp_root)?;
-    let [hub_port, hub_leaf_port, sut_port, mqtt_port] = free_ports::<4>()?;
-
-    let hub_conf = dir.path().join("hub.conf");
-    fs::write(
-        &hub_conf,
-        format!(
-            "server_name: hub\nlisten: \"127.0.0.1:{hub_port}\"\n\
-             jetstream {{ store_dir: {:?}, domain: hub }}\n\
-             leafnodes {{ listen: \"127.0.0.1:{hub_leaf_port}\" }}\n",
-            dir.path().join("hub-js")
-        ),
-    )?;
-    let mut hub = Proc::spawn(
-        "hub nats-server",
-        &s.nats_server,
-        &["-c", path_str(&hub_conf)?],
-        &[],
-        dir.path().join("hub.log"),
-    )?;
-    let hub_client = match wait_for_port(hub_port, &mut [&mut hub], "the hub").await {
-        Ok(()) => connect_nats(hub_port).await,
-        Err(e) => Err(e),
-    };
-    let hub_client = match hub_client {
-        Ok(c) => c,
-        Err(e) => {
-            logs.push_str(&hub.log_tail(20));
-            return Err(e);
-        }
-    };
-
-    let mut sut = if system.is_relaybox() {
+    let dir = s.programs.data_dir("flash-")?;
+    let ports = Ports::free()?;
+    let (hub, hub_client) = common::start_hub(&s.programs, dir.path(), ports, logs).await?;
+    let sut = if system.is_relaybox() {
         let window_us = if system == System::Relaybox50 {
             50_000
         } else {
             2_000
         };
-        let conf = dir.path().join("relaybox.toml");
-        fs::write(
-            &conf,
-            format!(
-                "[relay]\nname = \"bench\"\ndata_dir = {:?}\n\n\
-                 [mqtt]\nlisten = \"127.0.0.1:{mqtt_port}\"\nallow_anonymous = true\n\n\
-                 [outbox]\ncommit_window_us = {window_us}\n\n\
-                 [uplink]\nurl = \"nats://127.0.0.1:{hub_port}\"\nsubject_prefix = \"bench\"\n\
-                 mode = \"jetstream\"\nstream = \"{HUB_STREAM}\"\ncreate_stream = true\n\n\
-                 [admin]\nlisten = \"127.0.0.1:{sut_port}\"\n\n\
-                 [[export]]\nfilter = \"bench/#\"\n",
-                dir.path().join("relaybox-data")
-            ),
-        )?;
-        Proc::spawn(
-            "relaybox",
-            &s.relaybox,
-            &["run", "--config", path_str(&conf)?],
-            &[("RUST_LOG", s.relaybox_log.as_str())],
-            dir.path().join("relaybox.log"),
-        )?
+        common::spawn_relaybox(&s.programs, dir.path(), ports, Some(window_us))?
     } else {
-        let conf = dir.path().join("leaf.conf");
-        fs::write(
-            &conf,
-            format!(
-                "server_name: leaf\nlisten: \"127.0.0.1:{sut_port}\"\n\
-                 jetstream {{ store_dir: {:?}, domain: leaf }}\n\
-                 leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{hub_leaf_port}\" }} ] }}\n\
-                 mqtt {{ listen: \"127.0.0.1:{mqtt_port}\" }}\n",
-                dir.path().join("leaf-js")
-            ),
-        )?;
-        Proc::spawn(
-            "leaf nats-server",
-            &s.nats_server,
-            &["-c", path_str(&conf)?],
-            &[],
-            dir.path().join("leaf.log"),
-        )?
+        common::spawn_leaf(&s.programs, dir.path(), ports)?
     };
+    let mut servers = Servers { sut, hub };
 
     let ready = async {
-        wait_for_port(mqtt_port, &mut [&mut sut, &mut hub], "the MQTT listener").await?;
+        let Servers { sut, hub } = &mut servers;
+        wait_for_port(ports.mqtt, &mut [&mut *sut, &mut *hub], "the MQTT listener").await?;
         let (store_js, store_stream) = if system.is_relaybox() {
             (jetstream::new(hub_client.clone()), HUB_STREAM)
         } else {
-            let leaf_js = jetstream::new(connect_nats(sut_port).await?);
-            leaf_js
-                .create_stream(stream::Config {
-                    name: LEAF_STREAM.into(),
-                    subjects: vec!["bench.>".into()],
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .context("create the leaf stream")?;
-            (leaf_js, LEAF_STREAM)
+            (common::create_leaf_stream(ports.sut).await?, LEAF_STREAM)
         };
-        warm_up(
-            mqtt_port,
-            &store_js,
-            store_stream,
-            &mut [&mut sut, &mut hub],
-        )
-        .await?;
+        let probe = Probe {
+            client_id: "flash-probe",
+            payload: &[b'w'; 24],
+        };
+        common::warm_up(ports.mqtt, &probe, &store_js, store_stream, &mut [sut, hub]).await?;
         Ok::<_, anyhow::Error>((store_js, store_stream))
     };
     match ready.await {
         Ok((store_js, store_stream)) => Ok(Rig {
-            sut,
-            hub,
+            servers,
+            system,
             store_js,
             store_stream,
-            mqtt_port,
-            admin_port: sut_port,
+            mqtt_port: ports.mqtt,
+            admin_port: ports.sut,
             _dir: dir,
         }),
         Err(e) => {
-            logs.push_str(&sut.log_tail(25));
-            logs.push_str(&hub.log_tail(10));
+            logs.push_str(&servers.logs());
             Err(e)
         }
     }
-}
-
-/// Publishes a QoS 1 probe until one is stored in the stream that counts: proves the whole path.
-async fn warm_up(
-    mqtt_port: u16,
-    js: &jetstream::Context,
-    stream_name: &str,
-    procs: &mut [&mut Proc],
-) -> Result<()> {
-    let deadline = Instant::now() + PROBE_LIMIT;
-    let mut last = String::from("no probe was sent");
-    while Instant::now() < deadline {
-        for p in procs.iter_mut() {
-            p.ensure_running()?;
-        }
-        if let Err(e) = publish_probe(mqtt_port).await {
-            last = format!("probe publish failed: {e:#}");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        }
-        let until = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < until {
-            match js.get_stream(stream_name).await {
-                Ok(mut st) => match st.info().await {
-                    Ok(info) if info.state.messages > 0 => return Ok(()),
-                    Ok(_) => last = format!("stream {stream_name} exists but is empty"),
-                    Err(e) => last = format!("stream {stream_name} info: {e}"),
-                },
-                Err(e) => last = format!("stream {stream_name}: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    bail!("no warm-up probe reached stream {stream_name} within {PROBE_LIMIT:?} (last: {last})")
-}
-
-fn nodelay() -> rumqttc::NetworkOptions {
-    let mut options = rumqttc::NetworkOptions::new();
-    options.set_tcp_nodelay(true);
-    options
-}
-
-async fn publish_probe(mqtt_port: u16) -> Result<()> {
-    let mut opts = MqttOptions::new("flash-probe", "127.0.0.1", mqtt_port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut events) = AsyncClient::new(opts, 10);
-    events.set_network_options(nodelay());
-    client
-        .publish("bench/warmup", QoS::AtLeastOnce, false, vec![b'w'; 24])
-        .await?;
-    let acked = async {
-        loop {
-            if let Event::Incoming(Packet::PubAck(_)) = events.poll().await? {
-                return Ok::<_, anyhow::Error>(());
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), acked)
-        .await
-        .map_err(|_| anyhow!("no PUBACK within 5 s"))??;
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -764,9 +407,9 @@ async fn run_point(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let pid = rig.sut.pid();
+    let pid = rig.servers.sut.pid();
     let stored_before = rig.stored().await?;
-    let metrics_before = if rig.sut.name == "relaybox" {
+    let metrics_before = if rig.system.is_relaybox() {
         relaybox_counters(rig.admin_port).await.ok()
     } else {
         None
@@ -794,7 +437,7 @@ async fn run_point(
     let mut all_acked = false;
     let total_sent = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        rig.ensure_running()?;
+        rig.servers.ensure_running()?;
         for (p, me) in pubs.iter().enumerate() {
             if let Some(f) = me.failure.lock().ok().and_then(|mut f| f.take()) {
                 bail!("publisher {p}: {f}");
@@ -830,7 +473,7 @@ async fn run_point(
         bail!("no message was sent");
     }
     tokio::time::sleep(SETTLE).await;
-    rig.ensure_running()?;
+    rig.servers.ensure_running()?;
     let io_after = read_io(pid)?;
     let metrics_after = if metrics_before.is_some() {
         relaybox_counters(rig.admin_port).await.ok()
@@ -864,19 +507,11 @@ async fn run_point(
         achieved_per_s: n / (last_ack.saturating_sub(started_ns) as f64 / 1e9),
         ack_p50_ms: percentile_ms(&lat, 0.50),
         ack_p99_ms: percentile_ms(&lat, 0.99),
-        bytes_per_msg: io_after.0.saturating_sub(io_before.0) as f64 / n,
-        cancelled_per_msg: io_after.1.saturating_sub(io_before.1) as f64 / n,
+        bytes_per_msg: io_after.written_per_msg(&io_before, n),
+        cancelled_per_msg: io_after.cancelled_per_msg(&io_before, n),
         records_per_commit,
         own_flash_per_msg,
     })
-}
-
-fn percentile_ms(sorted_ns: &[u64], q: f64) -> f64 {
-    if sorted_ns.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((sorted_ns.len() as f64 * q).ceil() as usize).clamp(1, sorted_ns.len());
-    sorted_ns[rank - 1] as f64 / 1e6
 }
 
 struct Counters {
@@ -887,24 +522,8 @@ struct Counters {
 
 /// relaybox's own counters from its admin `/metrics`.
 async fn relaybox_counters(port: u16) -> Result<Counters> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fetch = async {
-        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .await?;
-        let mut body = String::new();
-        conn.read_to_string(&mut body).await?;
-        Ok::<_, std::io::Error>(body)
-    };
-    let body = tokio::time::timeout(Duration::from_secs(5), fetch)
-        .await
-        .map_err(|_| anyhow!("no answer within 5 s"))??;
-    let value = |name: &str| {
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .ok_or_else(|| anyhow!("/metrics has no {name}"))
-    };
+    let body = fetch_metrics(port).await?;
+    let value = |name: &str| metric(&body, name).ok_or_else(|| anyhow!("/metrics has no {name}"));
     Ok(Counters {
         appended: value("relaybox_outbox_appended_total")?,
         commits: value("relaybox_outbox_commits_total")?,
@@ -934,7 +553,7 @@ async fn run_system(system: System, s: &Settings) -> Result<SystemResult, String
     let outcome = async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut r = SystemResult {
-            idle_rss_mib: vm_hwm_mib(rig.sut.pid())?,
+            idle_rss_mib: vm_hwm_mib(rig.servers.sut.pid())?,
             ..Default::default()
         };
         println!("   idle peak RSS {:.1} MiB", r.idle_rss_mib);
@@ -947,7 +566,7 @@ async fn run_system(system: System, s: &Settings) -> Result<SystemResult, String
         r.load = measure(&mut rig, "load", &load, s)
             .await
             .context("4-publisher load")?;
-        r.load_rss_mib = vm_hwm_mib(rig.sut.pid())?;
+        r.load_rss_mib = vm_hwm_mib(rig.servers.sut.pid())?;
         println!(
             "   4 publishers flat out: {} msgs, {:.0} msg/s, PUBACK p50 {:.2} ms, peak RSS {:.1} MiB, {:.0} B/msg",
             r.load.messages, r.load.achieved_per_s, r.load.ack_p50_ms, r.load_rss_mib, r.load.bytes_per_msg
@@ -985,44 +604,26 @@ async fn run_system(system: System, s: &Settings) -> Result<SystemResult, String
     .await;
     match outcome {
         Ok(r) => Ok(r),
-        Err(e) => Err(format!("{e:#}\n{}", rig.logs())),
+        Err(e) => Err(format!("{e:#}\n{}", rig.servers.logs())),
     }
 }
 
 fn main() -> ExitCode {
-    let s = match Settings::load() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("flash: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("flash: cannot start the tokio runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    runtime.block_on(run(s))
+    common::main("flash", Settings::load(), run)
 }
 
 async fn run(s: Settings) -> ExitCode {
-    if !s.nats_server.is_file() {
+    if !s.programs.nats_server.is_file() {
         eprintln!(
             "flash: nats-server not found at {}",
-            s.nats_server.display()
+            s.programs.nats_server.display()
         );
         return ExitCode::from(2);
     }
-    if s.systems.iter().any(|x| x.is_relaybox()) && !s.relaybox.is_file() {
+    if s.systems.iter().any(|x| x.is_relaybox()) && !s.programs.relaybox.is_file() {
         eprintln!(
             "flash: relaybox binary not found at {} (cargo build --release, or BENCH_RELAYBOX)",
-            s.relaybox.display()
+            s.programs.relaybox.display()
         );
         return ExitCode::from(2);
     }
@@ -1146,61 +747,22 @@ fn report(results: &[(System, SystemResult)]) -> String {
 }
 
 fn describe_machine(s: &Settings) -> String {
-    let first = |path: &str, key: &str| {
-        fs::read_to_string(path).ok().and_then(|t| {
-            t.lines().find_map(|l| l.strip_prefix(key)).map(|v| {
-                v.trim_start_matches([' ', '\t', ':'])
-                    .trim_matches('"')
-                    .to_owned()
-            })
-        })
-    };
-    let cpu = first("/proc/cpuinfo", "model name").unwrap_or_else(|| "unknown CPU".into());
-    let os = first("/etc/os-release", "PRETTY_NAME=").unwrap_or_else(|| "unknown OS".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = proc_field("/proc/meminfo", "MemTotal:").unwrap_or(0) / 1024;
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|k| k.trim().to_owned())
-        .unwrap_or_default();
-    let nats = Command::new(&s.nats_server)
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|e| format!("unknown ({e})"));
-    let load = fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
     format!(
         "# flash\n\
-         machine:   {cpu}, {cores} cores, {mem} MiB RAM; {os}, Linux {kernel}\n\
+         machine:   {}\n\
          data dirs: {} ({})\n\
-         nats:      {} ({nats})\n\
+         nats:      {} ({})\n\
          relaybox:  {}\n\
-         load:      {load} (1, 5, 15 min averages at the start)\n\
+         load:      {} (1, 5, 15 min averages at the start)\n\
          run:       {} s of publishing per point, QoS 1, inflight {INFLIGHT}, one publisher per \
          started {RATE_PER_PUBLISHER} msg/s\n",
-        s.tmp_root.display(),
-        filesystem_of(&s.tmp_root),
-        s.nats_server.display(),
-        s.relaybox.display(),
+        machine(),
+        s.programs.tmp_root.display(),
+        filesystem_of(&s.programs.tmp_root),
+        s.programs.nats_server.display(),
+        nats_version(&s.programs.nats_server),
+        s.programs.relaybox.display(),
+        load_average(),
         s.seconds,
     )
-}
-
-fn filesystem_of(path: &Path) -> String {
-    let _ = fs::create_dir_all(path);
-    let (Ok(path), Ok(mounts)) = (path.canonicalize(), fs::read_to_string("/proc/mounts")) else {
-        return "unknown file system".into();
-    };
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (dev, at, fstype) = (f.next()?, f.next()?, f.next()?);
-            path.starts_with(at)
-                .then(|| (at.len(), format!("{fstype} on {dev}")))
-        })
-        .max_by_key(|(len, _)| *len)
-        .map(|(_, d)| d)
-        .unwrap_or_else(|| "unknown file system".into())
 }

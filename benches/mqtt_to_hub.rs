@@ -24,12 +24,11 @@
 //!
 //! Settings come from `BENCH_*` environment variables or `--flags` after `--`; see [`USAGE`].
 
+mod common;
+
 use std::fs;
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::path::Path;
+use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -42,6 +41,12 @@ use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use common::{
+    fetch_metrics, filesystem_of, load_average, machine, metric, nats_version, nodelay,
+    percentile_ms, read_io, vm_hwm_mib, wait_for_port, Ports, Probe, Programs, Servers, HUB_STREAM,
+    LEAF_DOMAIN, LEAF_STREAM, SETTLE, START_LIMIT,
+};
 
 const USAGE: &str = "\
 mqtt_to_hub: QoS 1 MQTT -> NATS hub throughput, latency, peak RSS and disk bytes per message
@@ -72,17 +77,6 @@ const MAGIC: &[u8; 4] = b"RBB1";
 const PROBE_MAGIC: &[u8; 4] = b"RBWU";
 /// magic (4) + publisher (4) + sequence (8) + send time in ns since the bench started (8).
 const HEADER_LEN: usize = 24;
-const HUB_STREAM: &str = "BENCH";
-const LEAF_STREAM: &str = "EDGE";
-const LEAF_DOMAIN: &str = "leaf";
-const HUB_DOMAIN: &str = "hub";
-/// How long a server may take to accept connections, and the leaf to reach the hub.
-const START_LIMIT: Duration = Duration::from_secs(30);
-/// How long the warm-up probe may take to reach the hub stream through the whole path.
-const PROBE_LIMIT: Duration = Duration::from_secs(60);
-/// Wait after the last arrival before reading `/proc`, so deferred writes (deleting delivered
-/// records, consumer state) count for every system alike.
-const SETTLE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum System {
@@ -122,10 +116,7 @@ struct Settings {
     stall: Duration,
     repeat: usize,
     keep: bool,
-    relaybox: PathBuf,
-    relaybox_log: String,
-    nats_server: PathBuf,
-    tmp_root: PathBuf,
+    programs: Programs,
 }
 
 impl Settings {
@@ -207,18 +198,6 @@ impl Settings {
             bail!("every publisher count must be between 1 and the message count ({messages})");
         }
 
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let relaybox = std::env::var_os("BENCH_RELAYBOX")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_relaybox")));
-        let nats_server = std::env::var_os("BENCH_NATS_SERVER")
-            .map(PathBuf::from)
-            .or_else(|| find_on_path("nats-server"))
-            .unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server"));
-        let tmp_root = std::env::var_os("BENCH_TMPDIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| manifest.join("target").join("bench-tmp"));
-
         Ok(Settings {
             messages,
             payload,
@@ -230,198 +209,8 @@ impl Settings {
             stall: Duration::from_secs(num("stall", stall, 30)?),
             repeat: num("repeat", repeat, 1)?.max(1),
             keep,
-            relaybox,
-            relaybox_log: std::env::var("BENCH_RELAYBOX_LOG").unwrap_or_else(|_| "warn".into()),
-            nats_server,
-            tmp_root,
+            programs: Programs::from_env(),
         })
-    }
-}
-
-fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Child processes and what /proc says about them
-// ---------------------------------------------------------------------------------------------
-
-/// A server started by the bench. Stopped (TERM, then KILL after 5 s) when dropped, and killed by
-/// the kernel if the bench itself dies, so that no run leaves servers behind.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn spawn(
-        name: &'static str,
-        program: &Path,
-        args: &[&str],
-        envs: &[(&str, &str)],
-        log: PathBuf,
-    ) -> Result<Proc> {
-        let out = fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-        let err = out.try_clone()?;
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .envs(envs.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        // SAFETY: the closure runs between fork and exec and calls only prctl, which is
-        // async-signal-safe and allocates nothing. The servers are spawned from the main thread
-        // (the one running `block_on`), which lives as long as the bench, so the parent-death
-        // signal fires only when the bench process is gone.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name} ({})", program.display()))?;
-        Ok(Proc { name, child, log })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn ensure_running(&mut self) -> Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!("{} exited unexpectedly ({status})", self.name);
-        }
-        Ok(())
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let Ok(file) = fs::File::open(&self.log) else {
-            return String::new();
-        };
-        let all: Vec<String> = BufReader::new(file).lines().map_while(|l| l.ok()).collect();
-        let start = all.len().saturating_sub(lines);
-        let mut out = format!(
-            "--- last lines of {} log ({}):\n",
-            self.name,
-            self.log.display()
-        );
-        for line in &all[start..] {
-            out.push_str("    ");
-            out.push_str(line);
-            out.push('\n');
-        }
-        out
-    }
-
-    fn stop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
-            return;
-        }
-        // The pid is our own child, not yet reaped, so it cannot have been reused.
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: kill(2) with a valid pid and signal number has no memory-safety conditions.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        eprintln!(
-            "{} did not stop within 5 s of SIGTERM; killing it",
-            self.name
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Io {
-    write_bytes: u64,
-    cancelled_write_bytes: u64,
-}
-
-fn proc_field(path: &str, key: &str) -> Result<u64> {
-    let text = fs::read_to_string(path).with_context(|| format!("read {path}"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow!("{path} has no {key} line"))
-}
-
-fn read_io(pid: u32) -> Result<Io> {
-    let path = format!("/proc/{pid}/io");
-    Ok(Io {
-        write_bytes: proc_field(&path, "write_bytes:")?,
-        cancelled_write_bytes: proc_field(&path, "cancelled_write_bytes:")?,
-    })
-}
-
-fn vm_hwm_kib(pid: u32) -> Result<u64> {
-    proc_field(&format!("/proc/{pid}/status"), "VmHWM:")
-}
-
-/// Ports for the servers: free ones below the kernel's ephemeral range, so that no outgoing
-/// connection (the bench's own, the leaf link, anything else on the machine) takes one of them
-/// between now and the server binding it. All are held until all are chosen, so they differ.
-fn free_ports<const N: usize>() -> Result<[u16; N]> {
-    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let range = 10_000..ephemeral_low.max(10_001);
-    let mut held = Vec::with_capacity(N);
-    for _ in 0..1000 {
-        if held.len() == N {
-            break;
-        }
-        if let Ok(l) = TcpListener::bind(("127.0.0.1", rand::random_range(range.clone()))) {
-            held.push(l);
-        }
-    }
-    while held.len() < N {
-        held.push(TcpListener::bind("127.0.0.1:0").context("bind 127.0.0.1:0 to choose a port")?);
-    }
-    let mut ports = [0u16; N];
-    for (port, l) in ports.iter_mut().zip(&held) {
-        *port = l.local_addr()?.port();
-    }
-    Ok(ports)
-}
-
-async fn wait_for_port(port: u16, procs: &mut [&mut Proc], what: &str) -> Result<()> {
-    let deadline = Instant::now() + START_LIMIT;
-    loop {
-        for p in procs.iter_mut() {
-            p.ensure_running()?;
-        }
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{what} did not accept connections on 127.0.0.1:{port} within {START_LIMIT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -429,10 +218,10 @@ async fn wait_for_port(port: u16, procs: &mut [&mut Proc], what: &str) -> Result
 // The systems
 // ---------------------------------------------------------------------------------------------
 
-/// One scenario's servers. Field order is drop order: the system under test stops before the hub.
+/// One scenario's servers. Field order is drop order: the servers stop before their data
+/// directory goes.
 struct Rig {
-    sut: Proc,
-    hub: Proc,
+    servers: Servers,
     hub_client: async_nats::Client,
     mqtt_port: u16,
     /// relaybox's admin port (its `/metrics`); for the leaf, its NATS client port.
@@ -440,120 +229,32 @@ struct Rig {
     dir: TempDir,
 }
 
-impl Rig {
-    fn logs(&self) -> String {
-        format!("{}{}", self.sut.log_tail(25), self.hub.log_tail(10))
-    }
-
-    fn ensure_running(&mut self) -> Result<()> {
-        self.sut.ensure_running()?;
-        self.hub.ensure_running()
-    }
-}
-
-async fn connect_nats(port: u16) -> Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .request_timeout(Some(Duration::from_secs(10)))
-        .connect(format!("nats://127.0.0.1:{port}"))
-        .await
-        .with_context(|| format!("connect to nats-server on 127.0.0.1:{port}"))
-}
-
 async fn start_rig(system: System, settings: &Settings, logs: &mut String) -> Result<Rig> {
-    fs::create_dir_all(&settings.tmp_root)
-        .with_context(|| format!("create {}", settings.tmp_root.display()))?;
-    let dir = tempfile::Builder::new()
-        .prefix("mqtt_to_hub-")
-        .tempdir_in(&settings.tmp_root)?;
-    let [hub_port, hub_leaf_port, sut_port, mqtt_port] = free_ports::<4>()?;
-    // relaybox's admin endpoint; the leaf servers use `sut_port` for NATS clients instead.
-    let admin_port = sut_port;
-
-    let hub_conf = dir.path().join("hub.conf");
-    fs::write(
-        &hub_conf,
-        format!(
-            "server_name: hub\nlisten: \"127.0.0.1:{hub_port}\"\n\
-             jetstream {{ store_dir: {:?}, domain: {HUB_DOMAIN} }}\n\
-             leafnodes {{ listen: \"127.0.0.1:{hub_leaf_port}\" }}\n",
-            dir.path().join("hub-js")
-        ),
-    )?;
-    let mut hub = Proc::spawn(
-        "hub nats-server",
-        &settings.nats_server,
-        &["-c", path_str(&hub_conf)?],
-        &[],
-        dir.path().join("hub.log"),
-    )?;
-    let hub_client = match wait_for_port(hub_port, &mut [&mut hub], "the hub").await {
-        Ok(()) => connect_nats(hub_port).await,
-        Err(e) => Err(e),
-    };
-    let hub_client = match hub_client {
-        Ok(c) => c,
-        Err(e) => {
-            logs.push_str(&hub.log_tail(20));
-            return Err(e);
-        }
-    };
+    let dir = settings.programs.data_dir("mqtt_to_hub-")?;
+    let ports = Ports::free()?;
+    let (hub, hub_client) = common::start_hub(&settings.programs, dir.path(), ports, logs).await?;
     let hub_js = jetstream::new(hub_client.clone());
 
-    let mut sut = match system {
+    let sut = match system {
         System::Relaybox => {
-            let conf = dir.path().join("relaybox.toml");
-            fs::write(
-                &conf,
-                format!(
-                    "[relay]\nname = \"bench\"\ndata_dir = {:?}\n\n\
-                     [mqtt]\nlisten = \"127.0.0.1:{mqtt_port}\"\nallow_anonymous = true\n\n\
-                     [uplink]\nurl = \"nats://127.0.0.1:{hub_port}\"\nsubject_prefix = \"bench\"\n\
-                     mode = \"jetstream\"\nstream = \"{HUB_STREAM}\"\ncreate_stream = true\n\n\
-                     [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\n\
-                     [[export]]\nfilter = \"bench/#\"\n",
-                    dir.path().join("relaybox-data")
-                ),
-            )?;
-            if !settings.relaybox.is_file() {
+            if !settings.programs.relaybox.is_file() {
                 bail!(
                     "relaybox binary not found at {} (run `cargo build --release`, or set BENCH_RELAYBOX)",
-                    settings.relaybox.display()
+                    settings.programs.relaybox.display()
                 );
             }
-            Proc::spawn(
-                "relaybox",
-                &settings.relaybox,
-                &["run", "--config", path_str(&conf)?],
-                &[("RUST_LOG", settings.relaybox_log.as_str())],
-                dir.path().join("relaybox.log"),
-            )?
+            common::spawn_relaybox(&settings.programs, dir.path(), ports, None)?
         }
         System::Leaf | System::Sourced => {
-            let conf = dir.path().join("leaf.conf");
-            fs::write(
-                &conf,
-                format!(
-                    "server_name: leaf\nlisten: \"127.0.0.1:{sut_port}\"\n\
-                     jetstream {{ store_dir: {:?}, domain: {LEAF_DOMAIN} }}\n\
-                     leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{hub_leaf_port}\" }} ] }}\n\
-                     mqtt {{ listen: \"127.0.0.1:{mqtt_port}\" }}\n",
-                    dir.path().join("leaf-js")
-                ),
-            )?;
-            Proc::spawn(
-                "leaf nats-server",
-                &settings.nats_server,
-                &["-c", path_str(&conf)?],
-                &[],
-                dir.path().join("leaf.log"),
-            )?
+            common::spawn_leaf(&settings.programs, dir.path(), ports)?
         }
     };
+    let mut servers = Servers { sut, hub };
 
     // From here on a failure shows the servers' logs.
     let ready = async {
-        wait_for_port(mqtt_port, &mut [&mut sut, &mut hub], "the MQTT listener").await?;
+        let Servers { sut, hub } = &mut servers;
+        wait_for_port(ports.mqtt, &mut [&mut *sut, &mut *hub], "the MQTT listener").await?;
         if system != System::Relaybox {
             wait_for_leaf(&hub_client).await?;
         }
@@ -561,26 +262,12 @@ async fn start_rig(system: System, settings: &Settings, logs: &mut String) -> Re
             System::Relaybox => {}
             System::Leaf => {
                 hub_js
-                    .create_stream(stream::Config {
-                        name: HUB_STREAM.into(),
-                        subjects: vec!["bench.>".into()],
-                        storage: stream::StorageType::File,
-                        ..Default::default()
-                    })
+                    .create_stream(common::capture_stream(HUB_STREAM))
                     .await
                     .context("create the hub stream")?;
             }
             System::Sourced => {
-                let leaf_js = jetstream::new(connect_nats(sut_port).await?);
-                leaf_js
-                    .create_stream(stream::Config {
-                        name: LEAF_STREAM.into(),
-                        subjects: vec!["bench.>".into()],
-                        storage: stream::StorageType::File,
-                        ..Default::default()
-                    })
-                    .await
-                    .context("create the leaf stream")?;
+                common::create_leaf_stream(ports.sut).await?;
                 hub_js
                     .create_stream(stream::Config {
                         name: HUB_STREAM.into(),
@@ -599,26 +286,25 @@ async fn start_rig(system: System, settings: &Settings, logs: &mut String) -> Re
                     .context("create the hub stream that sources the leaf stream")?;
             }
         }
-        warm_up(mqtt_port, &hub_js, &mut [&mut sut, &mut hub]).await
+        let mut payload = PROBE_MAGIC.to_vec();
+        payload.resize(HEADER_LEN, 0);
+        let probe = Probe {
+            client_id: "bench-probe",
+            payload: &payload,
+        };
+        common::warm_up(ports.mqtt, &probe, &hub_js, HUB_STREAM, &mut [sut, hub]).await
     };
     if let Err(e) = ready.await {
-        logs.push_str(&sut.log_tail(25));
-        logs.push_str(&hub.log_tail(10));
+        logs.push_str(&servers.logs());
         return Err(e);
     }
     Ok(Rig {
-        sut,
-        hub,
+        servers,
         hub_client,
-        mqtt_port,
-        sut_port,
+        mqtt_port: ports.mqtt,
+        sut_port: ports.sut,
         dir,
     })
-}
-
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .ok_or_else(|| anyhow!("path {} is not UTF-8", p.display()))
 }
 
 /// The leaf is linked when the hub can reach the leaf's JetStream through its domain prefix.
@@ -648,74 +334,6 @@ async fn wait_for_leaf(hub_client: &async_nats::Client) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-/// Publishes a probe with QoS 1 until one is stored in the hub stream: proves the whole path
-/// (listener, export, uplink or leaf link, sourcing, stream) before anything is measured.
-async fn warm_up(
-    mqtt_port: u16,
-    hub_js: &jetstream::Context,
-    procs: &mut [&mut Proc],
-) -> Result<()> {
-    let deadline = Instant::now() + PROBE_LIMIT;
-    let mut last = String::from("no probe was sent");
-    while Instant::now() < deadline {
-        for p in procs.iter_mut() {
-            p.ensure_running()?;
-        }
-        if let Err(e) = publish_probe(mqtt_port).await {
-            last = format!("probe publish failed: {e:#}");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            continue;
-        }
-        let until = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < until {
-            match hub_js.get_stream(HUB_STREAM).await {
-                Ok(s) => match s.get_info().await {
-                    Ok(info) if info.state.messages > 0 => return Ok(()),
-                    Ok(_) => last = format!("hub stream {HUB_STREAM} exists but is empty"),
-                    Err(e) => last = format!("hub stream {HUB_STREAM} info: {e}"),
-                },
-                Err(e) => last = format!("hub stream {HUB_STREAM}: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    bail!("no warm-up probe reached the hub stream within {PROBE_LIMIT:?} (last: {last})")
-}
-
-/// Publishers write without Nagle's delay (rumqttc's default keeps it), so that the client
-/// adds no waiting of its own to what the servers are measured on.
-fn nodelay() -> rumqttc::NetworkOptions {
-    let mut options = rumqttc::NetworkOptions::new();
-    options.set_tcp_nodelay(true);
-    options
-}
-
-async fn publish_probe(mqtt_port: u16) -> Result<()> {
-    let mut opts = MqttOptions::new("bench-probe", "127.0.0.1", mqtt_port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut events) = AsyncClient::new(opts, 10);
-    events.set_network_options(nodelay());
-    let mut payload = PROBE_MAGIC.to_vec();
-    payload.resize(HEADER_LEN, 0);
-    client
-        .publish("bench/warmup", QoS::AtLeastOnce, false, payload)
-        .await?;
-    let acked = async {
-        loop {
-            match events.poll().await? {
-                Event::Incoming(Packet::PubAck(_)) => return Ok::<_, anyhow::Error>(()),
-                _ => continue,
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), acked)
-        .await
-        .map_err(|_| anyhow!("no PUBACK within 5 s"))??;
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1001,7 +619,7 @@ async fn measure(rig: &mut Rig, system: System, publishers: usize, s: &Settings)
         stop.clone(),
     ));
 
-    let sut_pid = rig.sut.pid();
+    let sut_pid = rig.servers.sut.pid();
     let io_before = read_io(sut_pid)?;
 
     let mut clients = Vec::new();
@@ -1088,9 +706,9 @@ async fn measure(rig: &mut Rig, system: System, publishers: usize, s: &Settings)
     let arrivals = run.collector.await?;
 
     tokio::time::sleep(SETTLE).await;
-    rig.ensure_running()?;
+    rig.servers.ensure_running()?;
     let io_after = read_io(sut_pid)?;
-    let hwm = vm_hwm_kib(sut_pid)?;
+    let rss_mib = vm_hwm_mib(sut_pid)?;
     let stored = hub_stream.get_info().await?.state.messages - stored_before;
 
     let n = s.messages as f64;
@@ -1133,11 +751,9 @@ async fn measure(rig: &mut Rig, system: System, publishers: usize, s: &Settings)
         max_ms: percentile_ms(&lat, 1.0),
         ack_p50_ms: percentile_ms(&ack_lat, 0.50),
         ack_p99_ms: percentile_ms(&ack_lat, 0.99),
-        rss_mib: hwm as f64 / 1024.0,
-        disk_per_msg: (io_after.write_bytes - io_before.write_bytes) as f64 / n,
-        cancelled_per_msg: (io_after.cancelled_write_bytes - io_before.cancelled_write_bytes)
-            as f64
-            / n,
+        rss_mib,
+        disk_per_msg: io_after.written_per_msg(&io_before, n),
+        cancelled_per_msg: io_after.cancelled_per_msg(&io_before, n),
         duplicates: arrivals.duplicates,
         notes,
     })
@@ -1146,23 +762,8 @@ async fn measure(rig: &mut Rig, system: System, publishers: usize, s: &Settings)
 /// A few of relaybox's own counters (from its admin `/metrics`), to explain its figures: how
 /// many records each group commit carried and what the relay counts as flash writes.
 async fn relaybox_metrics(port: u16) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fetch = async {
-        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            .await?;
-        let mut body = String::new();
-        conn.read_to_string(&mut body).await?;
-        Ok::<_, std::io::Error>(body)
-    };
-    let body = tokio::time::timeout(Duration::from_secs(5), fetch)
-        .await
-        .map_err(|_| anyhow!("no answer within 5 s"))??;
-    let value = |name: &str| {
-        body.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    };
+    let body = fetch_metrics(port).await?;
+    let value = |name: &str| metric(&body, name);
     let appended = value("relaybox_outbox_appended_total");
     let commits = value("relaybox_outbox_commits_total");
     let mut out = String::from("relaybox /metrics:");
@@ -1179,15 +780,6 @@ async fn relaybox_metrics(port: u16) -> Result<String> {
         out.push_str(&format!(" hub PubAck latency avg {:.2} ms;", l * 1e3));
     }
     Ok(out.trim_end_matches(';').to_owned())
-}
-
-/// The q-quantile (nearest rank) of sorted nanoseconds, in milliseconds.
-fn percentile_ms(sorted_ns: &[u64], q: f64) -> f64 {
-    if sorted_ns.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((sorted_ns.len() as f64 * q).ceil() as usize).clamp(1, sorted_ns.len());
-    sorted_ns[rank - 1] as f64 / 1e6
 }
 
 /// Waits until every message arrived, or fails on a stall, the time limit, a failed publisher or
@@ -1207,7 +799,8 @@ async fn watch(rig: &mut Rig, run: &mut Running, s: &Settings) -> Result<()> {
             "{acked} of {} PUBACKed, {arrived} arrived at the hub",
             run.layout.total
         );
-        rig.ensure_running()
+        rig.servers
+            .ensure_running()
             .with_context(|| format!("during the run ({state})"))?;
         if let Some(e) = run.progress.take_failure() {
             return Err(e.context(state));
@@ -1235,26 +828,7 @@ async fn watch(rig: &mut Rig, run: &mut Running, s: &Settings) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 
 fn main() -> ExitCode {
-    let settings = match Settings::load() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("mqtt_to_hub: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    // Servers are spawned from this thread (inside `block_on`): see `Proc::spawn`.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mqtt_to_hub: cannot start the tokio runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    runtime.block_on(run(settings))
+    common::main("mqtt_to_hub", Settings::load(), run)
 }
 
 async fn run(s: Settings) -> ExitCode {
@@ -1358,23 +932,17 @@ fn median(mut runs: Vec<Row>, paced: bool) -> Row {
     row
 }
 
-fn load_average() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 fn preflight(s: &Settings) -> Result<()> {
-    if !s.nats_server.is_file() {
+    if !s.programs.nats_server.is_file() {
         bail!(
             "nats-server not found at {} (apt-get install nats-server, or set BENCH_NATS_SERVER)",
-            s.nats_server.display()
+            s.programs.nats_server.display()
         );
     }
-    if s.systems.contains(&System::Relaybox) && !s.relaybox.is_file() {
+    if s.systems.contains(&System::Relaybox) && !s.programs.relaybox.is_file() {
         bail!(
             "relaybox binary not found at {} (run `cargo build --release`, or set BENCH_RELAYBOX)",
-            s.relaybox.display()
+            s.programs.relaybox.display()
         );
     }
     Ok(())
@@ -1392,17 +960,15 @@ async fn scenario(
     };
     let outcome = measure(&mut rig, system, publishers, s)
         .await
-        .map_err(|e| (e, rig.logs()));
+        .map_err(|e| (e, rig.servers.logs()));
     let Rig {
-        sut,
-        hub,
+        servers,
         hub_client,
         dir,
         ..
     } = rig;
     drop(hub_client);
-    drop(sut);
-    drop(hub);
+    drop(servers);
     if s.keep {
         println!("   kept {}", dir.keep().display());
     }
@@ -1544,34 +1110,8 @@ fn report(rows: &[Row], failures: &[(System, usize, String)], s: &Settings) -> S
 }
 
 fn describe_machine(s: &Settings) -> String {
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("model name"))
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = proc_field("/proc/meminfo", "MemTotal:").unwrap_or(0) / 1024;
-    let os = fs::read_to_string("/etc/os-release")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
-                .map(|v| v.trim_matches('"').to_owned())
-        })
-        .unwrap_or_else(|| "unknown OS".into());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|k| k.trim().to_owned())
-        .unwrap_or_default();
-    let nats = Command::new(&s.nats_server)
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|e| format!("unknown ({e})"));
     let relaybox = if s.systems.contains(&System::Relaybox) {
-        let built = fs::metadata(&s.relaybox)
+        let built = fs::metadata(&s.programs.relaybox)
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -1585,22 +1125,24 @@ fn describe_machine(s: &Settings) -> String {
             .filter(|o| o.status.success())
             .map(|o| format!(", source {}", String::from_utf8_lossy(&o.stdout).trim()))
             .unwrap_or_default();
-        format!("{}{built}{source}", s.relaybox.display())
+        format!("{}{built}{source}", s.programs.relaybox.display())
     } else {
         "not run".to_owned()
     };
     format!(
         "# mqtt_to_hub\n\
-         machine:   {cpu}, {cores} cores, {mem} MiB RAM; {os}, Linux {kernel}\n\
+         machine:   {}\n\
          data dirs: {} ({}; {})\n\
-         hub/leaf:  {} ({nats})\n\
+         hub/leaf:  {} ({})\n\
          relaybox:  {relaybox}\n\
          load:      {} (1, 5, 15 min averages at the start)\n\
          run:       {} messages x {} bytes, publishers {:?}, inflight {}, rate {}, {} run(s) each\n",
-        s.tmp_root.display(),
-        filesystem_of(&s.tmp_root),
-        fdatasync_latency(&s.tmp_root),
-        s.nats_server.display(),
+        machine(),
+        s.programs.tmp_root.display(),
+        filesystem_of(&s.programs.tmp_root),
+        fdatasync_latency(&s.programs.tmp_root),
+        s.programs.nats_server.display(),
+        nats_version(&s.programs.nats_server),
         load_average(),
         s.messages,
         s.payload,
@@ -1656,26 +1198,4 @@ fn utc(secs: u64) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02} UTC")
-}
-
-/// The file system the data directories live on, from /proc/mounts (longest mount-point match).
-fn filesystem_of(path: &Path) -> String {
-    let _ = fs::create_dir_all(path);
-    let Ok(path) = path.canonicalize() else {
-        return "unknown file system".into();
-    };
-    let Ok(mounts) = fs::read_to_string("/proc/mounts") else {
-        return "unknown file system".into();
-    };
-    mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (dev, at, fstype) = (f.next()?, f.next()?, f.next()?);
-            path.starts_with(at)
-                .then(|| (at.len(), format!("{fstype} on {dev}")))
-        })
-        .max_by_key(|(len, _)| *len)
-        .map(|(_, d)| d)
-        .unwrap_or_else(|| "unknown file system".into())
 }

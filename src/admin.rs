@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::broker_watch::ProbeStats;
 use crate::downlink::DownlinkStatus;
 use crate::gate::GateShared;
 use crate::serial::PortStats;
@@ -38,6 +39,7 @@ pub struct Sources {
     pub uplink: Option<Arc<UplinkStatus>>,
     pub downlink: Option<Arc<DownlinkStatus>>,
     pub serial: Vec<(String, Arc<PortStats>)>,
+    pub broker: Arc<ProbeStats>,
     /// The process's kernel write count when the relay started.
     pub write_bytes_at_start: u64,
 }
@@ -55,6 +57,26 @@ pub struct Status {
     pub flash: FlashStatus,
     pub memory: MemoryStatus,
     pub serial: Vec<SerialStatus>,
+    #[serde(default)]
+    pub broker: BrokerStatus,
+}
+
+/// The local broker as its probes find it (`crate::broker_watch`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BrokerStatus {
+    /// Whether the last probe got in.
+    pub answering: bool,
+    /// Probes that did not get in since the relay started.
+    pub probe_failures: u64,
+}
+
+impl Default for BrokerStatus {
+    fn default() -> BrokerStatus {
+        BrokerStatus {
+            answering: true,
+            probe_failures: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -271,6 +293,10 @@ impl Sources {
                     partial: load(&s.partial),
                 })
                 .collect(),
+            broker: BrokerStatus {
+                answering: self.broker.answering.load(Ordering::Relaxed),
+                probe_failures: load(&self.broker.failures),
+            },
         }
     }
 
@@ -429,6 +455,18 @@ pub fn metrics(s: &Status) -> String {
         "counter",
         "Retained messages refused because max_retained_bytes was reached.",
         &[("", f(s.outbox.retained_refused))],
+    );
+    metric(
+        "broker_answering",
+        "gauge",
+        "1 while the local broker lets a probe client in.",
+        &[("", f(u64::from(s.broker.answering)))],
+    );
+    metric(
+        "broker_probe_failures_total",
+        "counter",
+        "Probes of the local broker that did not get in.",
+        &[("", f(s.broker.probe_failures))],
     );
     metric(
         "store_file_bytes",
@@ -680,6 +718,16 @@ pub fn summary(s: &Status) -> String {
         "memory: {} KiB resident, {} KiB peak",
         s.memory.rss_bytes / 1024,
         s.memory.peak_rss_bytes / 1024
+    );
+    let _ = writeln!(
+        out,
+        "local broker: {}; {} failed probes",
+        if s.broker.answering {
+            "answering"
+        } else {
+            "NOT ANSWERING"
+        },
+        s.broker.probe_failures
     );
     for p in &s.serial {
         let _ = writeln!(

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin;
 use crate::broker::{Broker, BrokerSettings, Retained};
-use crate::broker_watch::{self, ProbeTiming, Prober};
+use crate::broker_watch::{self, ProbeStats, ProbeTiming, Prober};
 use crate::config::Config;
 use crate::downlink::{self, DownlinkSettings, DownlinkStatus};
 use crate::gate::{Gate, GateReload, GateSettings, TlsFiles};
@@ -97,10 +97,12 @@ pub async fn run_with(
     }
     tracker.spawn(gate.serve_with_heartbeat(shutdown.clone(), liveness.heartbeat("gate")));
     let timing = ProbeTiming::default();
+    let probe_stats = Arc::new(ProbeStats::default());
     tracker.spawn(broker_watch::watch(
         Prober::new(&broker, timing.timeout),
         timing,
         liveness.heartbeat("local broker"),
+        probe_stats.clone(),
         shutdown.clone(),
     ));
 
@@ -187,6 +189,7 @@ pub async fn run_with(
         uplink: uplink_status.clone(),
         downlink: downlink_status,
         serial: serial_stats,
+        broker: probe_stats,
         write_bytes_at_start,
     });
     match tokio::net::TcpListener::bind(config.admin.listen).await {

@@ -10,6 +10,7 @@
 //! failures in a row, so that the systemd watchdog restarts the relay.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -48,6 +49,24 @@ impl Default for ProbeTiming {
             retry_after: Duration::from_secs(1),
             timeout: Duration::from_secs(5),
             failures: 3,
+        }
+    }
+}
+
+/// What the probes found, for `/metrics` and `/status`.
+#[derive(Debug)]
+pub struct ProbeStats {
+    /// Probes that failed since the relay started.
+    pub failures: AtomicU64,
+    /// Whether the last probe passed (true until the first one says otherwise).
+    pub answering: AtomicBool,
+}
+
+impl Default for ProbeStats {
+    fn default() -> ProbeStats {
+        ProbeStats {
+            failures: AtomicU64::new(0),
+            answering: AtomicBool::new(true),
         }
     }
 }
@@ -138,11 +157,13 @@ fn connect(version: Version, id: &str) -> Vec<u8> {
     packet
 }
 
-/// Probes the broker until `shutdown`, beating `heartbeat` while it answers.
+/// Probes the broker until `shutdown`, beating `heartbeat` while it answers and counting in
+/// `stats`.
 pub async fn watch(
     prober: Prober,
     timing: ProbeTiming,
     heartbeat: Heartbeat,
+    stats: std::sync::Arc<ProbeStats>,
     shutdown: CancellationToken,
 ) {
     let mut failures = 0u32;
@@ -160,6 +181,7 @@ pub async fn watch(
             _ = shutdown.cancelled() => return,
             r = probe => r,
         };
+        stats.answering.store(result.is_ok(), Ordering::Relaxed);
         let pause = match result {
             Ok(()) => {
                 if silent {
@@ -170,6 +192,7 @@ pub async fn watch(
                 timing.every
             }
             Err(error) => {
+                stats.failures.fetch_add(1, Ordering::Relaxed);
                 failures = failures.saturating_add(1);
                 if failures < timing.failures {
                     tracing::warn!(%error, failures, "local broker probe failed");
@@ -272,10 +295,21 @@ mod tests {
         let shutdown = CancellationToken::new();
         let mut prober = Prober::new(&broker, fast().timeout);
         let good = prober.servers;
-        let task = tokio::spawn(watch(prober, fast(), heartbeat.clone(), shutdown.clone()));
+        let stats = std::sync::Arc::new(ProbeStats::default());
+        let run = |prober, heartbeat| {
+            tokio::spawn(watch(
+                prober,
+                fast(),
+                heartbeat,
+                stats.clone(),
+                shutdown.clone(),
+            ))
+        };
+        let task = run(prober, heartbeat.clone());
         let limit = Duration::from_millis(400);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(liveness.stalled(Instant::now(), limit).is_empty());
+        assert_eq!(stats.failures.load(Ordering::Relaxed), 0);
         task.abort();
 
         // Both servers gone: a port nothing listens on.
@@ -284,8 +318,10 @@ mod tests {
             l.local_addr().unwrap()
         };
         prober.servers = [(Version::V4, dead), (Version::V5, dead)];
-        let task = tokio::spawn(watch(prober, fast(), heartbeat.clone(), shutdown.clone()));
+        let task = run(prober, heartbeat.clone());
         tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!stats.answering.load(Ordering::Relaxed));
+        assert!(stats.failures.load(Ordering::Relaxed) >= 2);
         let stalled = liveness.stalled(Instant::now(), limit);
         assert_eq!(stalled.len(), 1, "{stalled:?}");
         assert_eq!(stalled[0].name, "local broker");
@@ -293,9 +329,10 @@ mod tests {
 
         // Back: it beats again.
         prober.servers = good;
-        let task = tokio::spawn(watch(prober, fast(), heartbeat, shutdown.clone()));
+        let task = run(prober, heartbeat);
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(liveness.stalled(Instant::now(), limit).is_empty());
+        assert!(stats.answering.load(Ordering::Relaxed));
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(2), task)
             .await

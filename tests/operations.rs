@@ -385,6 +385,11 @@ async fn metrics_and_status_match_what_was_sent() {
     let text = admin_get(admin, "/metrics").await;
     let lines = text.lines().map(|l| Ok(l.to_owned()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text parses");
+    assert_eq!(sample(&scrape, "relaybox_broker_answering", None), 1.0);
+    assert_eq!(
+        sample(&scrape, "relaybox_broker_probe_failures_total", None),
+        0.0
+    );
     assert_eq!(
         sample(
             &scrape,

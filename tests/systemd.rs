@@ -28,8 +28,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{
-    free_port, port_open, publish_all_v4, send_signal, tail, wait_exit, NatsHub, RelayConfig,
-    RELAY_BIN, STOP_TIMEOUT,
+    admin_status, free_port, port_open, publish_all_v4, send_signal, tail, wait_exit, NatsHub,
+    RelayConfig, RELAY_BIN, STOP_TIMEOUT,
 };
 use tempfile::TempDir;
 
@@ -743,6 +743,14 @@ async fn a_broker_that_lets_nobody_in_stops_the_pings() {
         "{} pings while the broker let nobody in: {:#?}",
         during.len(),
         notify.summary()
+    );
+    let status = admin_status(admin).await;
+    assert_eq!(status["broker"]["answering"], false, "{status}");
+    assert!(
+        status["broker"]["probe_failures"]
+            .as_u64()
+            .is_some_and(|n| n >= 3),
+        "{status}"
     );
     let log = relay.log();
     assert!(

@@ -99,7 +99,7 @@ pub async fn run_with(
     let timing = ProbeTiming::default();
     let probe_stats = Arc::new(ProbeStats::default());
     tracker.spawn(broker_watch::watch(
-        Prober::new(&broker, timing.timeout),
+        Prober::new(&broker),
         timing,
         liveness.heartbeat("local broker"),
         probe_stats.clone(),

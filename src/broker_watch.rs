@@ -9,8 +9,10 @@
 //! while one is under way, up to its timeout), and goes silent after [`ProbeTiming::failures`]
 //! failures in a row, so that the systemd watchdog restarts the relay.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -75,22 +77,20 @@ impl Default for ProbeStats {
 #[derive(Debug, Clone, Copy)]
 pub struct Prober {
     servers: [(Version, SocketAddr); 2],
-    timeout: Duration,
 }
 
 impl Prober {
-    pub fn new(broker: &Broker, timeout: Duration) -> Prober {
+    pub fn new(broker: &Broker) -> Prober {
         Prober {
             servers: [
                 (Version::V4, broker.server_for(Version::V4)),
                 (Version::V5, broker.server_for(Version::V5)),
             ],
-            timeout,
         }
     }
 
-    /// Lets one probe into each internal server.
-    pub async fn probe(&self) -> Result<(), ProbeError> {
+    /// Lets one probe into each internal server, each allowed `timeout`.
+    pub async fn probe(&self, timeout: Duration) -> Result<(), ProbeError> {
         for (version, addr) in self.servers {
             let error = |reason: String| ProbeError {
                 version: match version {
@@ -100,10 +100,10 @@ impl Prober {
                 addr,
                 reason,
             };
-            match tokio::time::timeout(self.timeout, exchange(version, addr)).await {
+            match tokio::time::timeout(timeout, exchange(version, addr)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(error(e.to_string())),
-                Err(_) => return Err(error(format!("no answer within {:?}", self.timeout))),
+                Err(_) => return Err(error(format!("no answer within {timeout:?}"))),
             }
         }
         Ok(())
@@ -163,20 +163,14 @@ pub async fn watch(
     prober: Prober,
     timing: ProbeTiming,
     heartbeat: Heartbeat,
-    stats: std::sync::Arc<ProbeStats>,
+    stats: Arc<ProbeStats>,
     shutdown: CancellationToken,
 ) {
     let mut failures = 0u32;
     loop {
         // Once silent, the heartbeat stays silent until a probe passes.
         let silent = failures >= timing.failures;
-        let probe = async {
-            if silent {
-                prober.probe().await
-            } else {
-                heartbeat.beat_while(prober.probe()).await
-            }
-        };
+        let probe = beating_if(&heartbeat, !silent, prober.probe(timing.timeout));
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = probe => r,
@@ -206,17 +200,20 @@ pub async fn watch(
                 timing.retry_after
             }
         };
-        let wait = tokio::time::sleep(pause);
+        let beating = failures < timing.failures;
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = async {
-                if failures < timing.failures {
-                    heartbeat.beat_while(wait).await;
-                } else {
-                    wait.await;
-                }
-            } => {}
+            _ = beating_if(&heartbeat, beating, tokio::time::sleep(pause)) => {}
         }
+    }
+}
+
+/// Runs `work`, with `heartbeat` beating while it runs if `beating`.
+async fn beating_if<F: Future>(heartbeat: &Heartbeat, beating: bool, work: F) -> F::Output {
+    if beating {
+        heartbeat.beat_while(work).await
+    } else {
+        work.await
     }
 }
 
@@ -248,9 +245,12 @@ mod tests {
     #[tokio::test]
     async fn a_running_broker_lets_probes_in_again_and_again() {
         let broker = broker().await;
-        let prober = Prober::new(&broker, Duration::from_secs(5));
+        let prober = Prober::new(&broker);
         for _ in 0..20 {
-            prober.probe().await.expect("probe passes");
+            prober
+                .probe(Duration::from_secs(5))
+                .await
+                .expect("probe passes");
         }
     }
 
@@ -273,13 +273,14 @@ mod tests {
             }
         });
         let v4 = broker.server_for(Version::V4);
-        let mut prober = Prober::new(&broker, Duration::from_millis(300));
+        let mut prober = Prober::new(&broker);
+        let timeout = Duration::from_millis(300);
         prober.servers = [(Version::V4, v4), (Version::V5, closing_addr)];
-        let error = prober.probe().await.unwrap_err().to_string();
+        let error = prober.probe(timeout).await.unwrap_err().to_string();
         assert!(error.contains("MQTT 5 server"), "{error}");
         prober.servers = [(Version::V4, silent_addr), (Version::V5, closing_addr)];
         let started = Instant::now();
-        let error = prober.probe().await.unwrap_err().to_string();
+        let error = prober.probe(timeout).await.unwrap_err().to_string();
         assert!(
             error.contains("3.1.1") && error.contains("no answer"),
             "{error}"
@@ -293,9 +294,9 @@ mod tests {
         let liveness = Liveness::new();
         let heartbeat = liveness.heartbeat("local broker");
         let shutdown = CancellationToken::new();
-        let mut prober = Prober::new(&broker, fast().timeout);
+        let mut prober = Prober::new(&broker);
         let good = prober.servers;
-        let stats = std::sync::Arc::new(ProbeStats::default());
+        let stats = Arc::new(ProbeStats::default());
         let run = |prober, heartbeat| {
             tokio::spawn(watch(
                 prober,

@@ -155,6 +155,18 @@ impl NotifySocket {
             .collect()
     }
 
+    /// Waits `quiet`, then asserts that no ping came after `since`.
+    async fn assert_no_pings_after(&self, since: Instant, quiet: Duration, while_what: &str) {
+        tokio::time::sleep(quiet).await;
+        let during = self.pings_between(since, Instant::now());
+        assert!(
+            during.is_empty(),
+            "{} pings while {while_what}: {:#?}",
+            during.len(),
+            self.summary()
+        );
+    }
+
     fn summary(&self) -> Vec<String> {
         let all = self.all();
         let t0 = all.first().map(|n| n.at);
@@ -246,13 +258,14 @@ impl Drop for Service {
 }
 
 /// Writes a config for a relay exporting `sensors/#` to `hub_url`, data in `data_dir`.
-fn write_config(dir: &Path, data_dir: &Path, hub_url: &str) -> (PathBuf, u16) {
+/// Returns the config's path, the MQTT port and the admin port.
+fn write_config(dir: &Path, data_dir: &Path, hub_url: &str) -> (PathBuf, u16, u16) {
     let cfg = RelayConfig::new("sd-test")
         .uplink(hub_url)
         .export("sensors/#");
     let path = dir.join("relaybox.toml");
     fs::write(&path, cfg.toml(data_dir)).expect("write config");
-    (path, cfg.mqtt_port)
+    (path, cfg.mqtt_port, cfg.admin_port)
 }
 
 fn temp_dir(prefix: &str) -> TempDir {
@@ -271,7 +284,7 @@ async fn ready_pings_status_and_stopping() {
     let mut hub = NatsHub::start().await;
     let dir = temp_dir("relaybox-sd-");
     let data_dir = dir.path().join("data");
-    let (config, port) = write_config(dir.path(), &data_dir, &hub.url());
+    let (config, port, _) = write_config(dir.path(), &data_dir, &hub.url());
     let notify = NotifySocket::bind(dir.path());
     let mut relay = Service::start(&config, dir.path(), &notify);
 
@@ -501,7 +514,7 @@ async fn a_stalled_disk_stops_the_pings_until_it_answers_again() {
     let dir = temp_dir("relaybox-sd-stall-");
     let disk = FrozenDisk::mount(&dir.path().join("disk"), &dir.path().join("mnt")).await;
     let data_dir = dir.path().join("mnt").join("data");
-    let (config, port) = write_config(dir.path(), &data_dir, &hub.url());
+    let (config, port, _) = write_config(dir.path(), &data_dir, &hub.url());
     let notify = NotifySocket::bind(dir.path());
     let mut relay = Service::start(&config, dir.path(), &notify);
     let _thaw = disk.thaw_on_drop();
@@ -557,15 +570,13 @@ async fn a_stalled_disk_stops_the_pings_until_it_answers_again() {
         .pings_between(healthy, Instant::now())
         .last()
         .copied();
-    let quiet = Duration::from_secs(2);
-    tokio::time::sleep(quiet).await;
-    let during = notify.pings_between(stalled.at, Instant::now());
-    assert!(
-        during.is_empty(),
-        "{} pings while the committer was stalled: {:#?}",
-        during.len(),
-        notify.summary()
-    );
+    notify
+        .assert_no_pings_after(
+            stalled.at,
+            Duration::from_secs(2),
+            "the committer was stalled",
+        )
+        .await;
     if let Some(last) = last_ping {
         assert!(
             last.saturating_duration_since(frozen) <= STALL_AFTER + PING_EVERY * 3,
@@ -678,7 +689,7 @@ async fn a_broker_that_lets_nobody_in_stops_the_pings() {
     let hub = NatsHub::start().await;
     let dir = temp_dir("relaybox-sd-broker-");
     let data_dir = dir.path().join("data");
-    let (config, port) = write_config(dir.path(), &data_dir, &hub.url());
+    let (config, port, admin) = write_config(dir.path(), &data_dir, &hub.url());
     let notify = NotifySocket::bind(dir.path());
     let relay = Service::start(&config, dir.path(), &notify);
     notify
@@ -687,7 +698,6 @@ async fn a_broker_that_lets_nobody_in_stops_the_pings() {
         })
         .await;
     let pid = relay.child.as_ref().expect("running").id();
-    let admin = read_admin_port(&config);
     let internal: Vec<u16> = listening_ports(pid)
         .into_iter()
         .filter(|p| *p != port && *p != admin)
@@ -736,14 +746,13 @@ async fn a_broker_that_lets_nobody_in_stops_the_pings() {
             },
         )
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let during = notify.pings_between(stalled.at, Instant::now());
-    assert!(
-        during.is_empty(),
-        "{} pings while the broker let nobody in: {:#?}",
-        during.len(),
-        notify.summary()
-    );
+    notify
+        .assert_no_pings_after(
+            stalled.at,
+            Duration::from_secs(2),
+            "the broker let nobody in",
+        )
+        .await;
     let status = admin_status(admin).await;
     assert_eq!(status["broker"]["answering"], false, "{status}");
     assert!(
@@ -758,17 +767,6 @@ async fn a_broker_that_lets_nobody_in_stops_the_pings() {
         "{}",
         tail(&log, 30)
     );
-}
-
-/// The admin port written in a relay config file.
-fn read_admin_port(config: &Path) -> u16 {
-    let text = fs::read_to_string(config).expect("config");
-    let admin = text.split("[admin]").nth(1).expect("an [admin] section");
-    admin
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("listen = \"127.0.0.1:"))
-        .and_then(|rest| rest.trim_end_matches('"').parse().ok())
-        .expect("admin listen port")
 }
 
 // ---------------------------------------------------------------------------------------------

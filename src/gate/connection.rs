@@ -464,6 +464,35 @@ struct Client<'a> {
 }
 
 impl Client<'_> {
+    /// Counts a QoS 1/2 publish the store could not keep and answers it: MQTT 5 with a
+    /// PUBACK/PUBREC that says why, 3.1.1 (which has no refusal code) by closing the connection.
+    fn refusal(
+        &self,
+        qos: u8,
+        pkid: u16,
+        topic: String,
+        reason: StoreError,
+    ) -> Result<Bytes, ConnError> {
+        self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+        match self.version {
+            Version::V5 => {
+                let refusal = match reason {
+                    StoreError::Full { .. }
+                    | StoreError::TooLarge { .. }
+                    | StoreError::RetainedFull { .. } => Refusal::QuotaExceeded,
+                    _ => Refusal::UnspecifiedError,
+                };
+                Ok(broker::encode_refusal(
+                    qos,
+                    pkid,
+                    refusal,
+                    &reason.to_string(),
+                ))
+            }
+            Version::V4 => Err(ConnError::RefusedV4 { topic, reason }),
+        }
+    }
+
     fn who(&self) -> Who<'_> {
         Who {
             user: self.user,
@@ -677,20 +706,16 @@ impl Client<'_> {
             match kept {
                 Ok(ticket) => tickets.extend(ticket),
                 Err(reason @ StoreError::RetainedFull { .. }) => {
-                    shared.stats.refused.fetch_add(1, Ordering::Relaxed);
                     if denials_logged.insert(format!("r:{topic}")) {
                         tracing::warn!(client_id = self.client_id, topic, %reason, "publish refused");
                     }
-                    return match (p.qos, self.version) {
-                        (0, _) => Ok(Forward::Reply(Bytes::new())),
-                        (qos, Version::V5) => Ok(Forward::Reply(broker::encode_refusal(
-                            qos,
-                            p.pkid,
-                            Refusal::QuotaExceeded,
-                            &reason.to_string(),
-                        ))),
-                        (_, Version::V4) => Err(ConnError::RefusedV4 { topic, reason }),
-                    };
+                    if p.qos == 0 {
+                        shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        return Ok(Forward::Reply(Bytes::new()));
+                    }
+                    return self
+                        .refusal(p.qos, p.pkid, topic, reason)
+                        .map(Forward::Reply);
                 }
                 Err(error) if p.qos == 0 => {
                     tracing::warn!(%error, topic, "QoS 0 retained message not kept in the store");
@@ -837,28 +862,11 @@ impl Client<'_> {
                     match durable {
                         Ok(_) => upstream.write_all(&packet).await?,
                         Err(reason) => {
-                            self.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
                             upstream.flush().await?;
-                            match self.version {
-                                Version::V5 => {
-                                    let refusal = match reason {
-                                        StoreError::Full { .. } | StoreError::TooLarge { .. } => {
-                                            Refusal::QuotaExceeded
-                                        }
-                                        _ => Refusal::UnspecifiedError,
-                                    };
-                                    tracing::warn!(topic, %reason, "publish refused");
-                                    let reply = broker::encode_refusal(
-                                        qos,
-                                        pkid,
-                                        refusal,
-                                        &reason.to_string(),
-                                    );
-                                    if replies.send(reply).await.is_err() {
-                                        return Err(ConnError::Closed);
-                                    }
-                                }
-                                Version::V4 => return Err(ConnError::RefusedV4 { topic, reason }),
+                            tracing::warn!(topic, %reason, "publish refused");
+                            let reply = self.refusal(qos, pkid, topic, reason)?;
+                            if replies.send(reply).await.is_err() {
+                                return Err(ConnError::Closed);
                             }
                         }
                     }

@@ -151,6 +151,13 @@ impl RetainedBudget {
         }
         Ok(())
     }
+
+    /// Shows the budget in the stats.
+    fn show(&self, stats: &OutboxStats) {
+        let count = self.sizes.len() as u64;
+        stats.retained_messages.store(count, Ordering::Relaxed);
+        stats.retained_bytes.store(self.total, Ordering::Relaxed);
+    }
 }
 
 struct Shared {
@@ -225,13 +232,12 @@ impl Store {
         stats.records.store(records, Ordering::Relaxed);
         stats.bytes.store(bytes, Ordering::Relaxed);
         // Retained messages kept before a lower bound was set stay; new ones wait for room.
-        let retained_total = retained.values().sum();
-        stats
-            .retained_messages
-            .store(retained.len() as u64, Ordering::Relaxed);
-        stats
-            .retained_bytes
-            .store(retained_total, Ordering::Relaxed);
+        let budget = RetainedBudget {
+            total: retained.values().sum(),
+            sizes: retained,
+            max: max_retained_bytes,
+        };
+        budget.show(&stats);
         let shared = Arc::new(Shared {
             db: std::sync::RwLock::new(db),
             path: path.clone(),
@@ -239,11 +245,7 @@ impl Store {
             epoch,
             stats: Arc::new(stats),
             committed: Notify::new(),
-            retained: Mutex::new(RetainedBudget {
-                sizes: retained,
-                total: retained_total,
-                max: max_retained_bytes,
-            }),
+            retained: Mutex::new(budget),
         });
         let (tx, rx) = flume::bounded(8192);
         let inner = committer::Inner::new(shared.clone(), rx, config, next_seq);
@@ -328,10 +330,7 @@ impl Store {
                 stats.retained_refused.fetch_add(1, Ordering::Relaxed);
                 return Err(error);
             }
-            stats
-                .retained_messages
-                .store(budget.sizes.len() as u64, Ordering::Relaxed);
-            stats.retained_bytes.store(budget.total, Ordering::Relaxed);
+            budget.show(stats);
         }
         self.requests
             .send_async(Request::Retain {

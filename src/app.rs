@@ -96,15 +96,6 @@ pub async fn run_with(
         drop(reloader);
     }
     tracker.spawn(gate.serve_with_heartbeat(shutdown.clone(), liveness.heartbeat("gate")));
-    let timing = ProbeTiming::default();
-    let probe_stats = Arc::new(ProbeStats::default());
-    tracker.spawn(broker_watch::watch(
-        Prober::new(&broker),
-        timing,
-        liveness.heartbeat("local broker"),
-        probe_stats.clone(),
-        shutdown.clone(),
-    ));
 
     let mut uplink_status = None;
     let mut downlink_status = None;
@@ -181,6 +172,17 @@ pub async fn run_with(
         serial_stats = serial.stats();
         tracker.spawn(serial.run(shutdown.clone()));
     }
+    // Watched once every in-process link into the router is made (the first probe comes a
+    // probe interval later).
+    let timing = ProbeTiming::default();
+    let probe_stats = Arc::new(ProbeStats::default());
+    tracker.spawn(broker_watch::watch(
+        Prober::new(&broker),
+        timing,
+        liveness.heartbeat("local broker"),
+        probe_stats.clone(),
+        shutdown.clone(),
+    ));
     let sources = Arc::new(admin::Sources {
         relay: config.relay.name.clone(),
         started,

@@ -111,8 +111,23 @@ pub struct OutboxStatus {
     pub corrupt: u64,
     pub commits: u64,
     pub commit_failures: u64,
+    /// Bytes of the store's segment files (live and spare), and how many there are.
     pub file_bytes: u64,
-    pub compactions: u64,
+    #[serde(default)]
+    pub segments: u64,
+    #[serde(default)]
+    pub spare_segments: u64,
+    /// Segments whose chunks died and were made spares; checkpoints written.
+    #[serde(default)]
+    pub recycled: u64,
+    #[serde(default)]
+    pub checkpoints: u64,
+    /// Torn writes found at the tail when the store opened.
+    #[serde(default)]
+    pub torn: u64,
+    /// How long opening the store took.
+    #[serde(default)]
+    pub open_ms: u64,
     /// Topics with a retained message kept in the store, and the bytes they take.
     #[serde(default)]
     pub retained_messages: u64,
@@ -147,6 +162,19 @@ pub struct FlashStatus {
     pub bytes_written: u64,
     /// `bytes_written` divided by the messages appended to the outbox.
     pub bytes_per_message: f64,
+    /// What the store itself handed to the disk: bytes, write calls and flushes.
+    #[serde(default)]
+    pub store_bytes_written: u64,
+    #[serde(default)]
+    pub store_writes: u64,
+    #[serde(default)]
+    pub store_flushes: u64,
+    /// `store_bytes_written` per commit.
+    #[serde(default)]
+    pub bytes_per_commit: f64,
+    /// The store's write rate over the last minute, as bytes per day.
+    #[serde(default)]
+    pub bytes_per_day: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -242,7 +270,12 @@ impl Sources {
                 commits: load(&o.commits),
                 commit_failures: load(&o.commit_failures),
                 file_bytes: load(&o.file_bytes),
-                compactions: load(&o.compactions),
+                segments: load(&o.segments),
+                spare_segments: load(&o.spare_segments),
+                recycled: load(&o.recycled),
+                checkpoints: load(&o.checkpoints),
+                torn: load(&o.torn),
+                open_ms: load(&o.open_ms),
                 retained_messages: load(&o.retained_messages),
                 retained_bytes: load(&o.retained_bytes),
                 retained_refused: load(&o.retained_refused),
@@ -275,6 +308,14 @@ impl Sources {
                 } else {
                     written as f64 / appended as f64
                 },
+                store_bytes_written: load(&o.bytes_written),
+                store_writes: load(&o.writes),
+                store_flushes: load(&o.flushes),
+                bytes_per_commit: match load(&o.commits) {
+                    0 => 0.0,
+                    n => load(&o.bytes_written) as f64 / n as f64,
+                },
+                bytes_per_day: load(&o.write_rate_per_day),
             },
             memory: MemoryStatus {
                 rss_bytes: rss,
@@ -471,8 +512,47 @@ pub fn metrics(s: &Status) -> String {
     metric(
         "store_file_bytes",
         "gauge",
-        "Size of the store file.",
+        "Size of the store's segment files (live and spare).",
         &[("", f(s.outbox.file_bytes))],
+    );
+    metric(
+        "store_segments",
+        "gauge",
+        "Segment files of the store's log.",
+        &[
+            ("{state=\"live\"}", f(s.outbox.segments)),
+            ("{state=\"spare\"}", f(s.outbox.spare_segments)),
+        ],
+    );
+    metric(
+        "store_bytes_written_total",
+        "counter",
+        "Bytes the store handed to the disk (pwrite), segment creation included.",
+        &[("", f(s.flash.store_bytes_written))],
+    );
+    metric(
+        "store_flushes_total",
+        "counter",
+        "fdatasync calls of the store.",
+        &[("", f(s.flash.store_flushes))],
+    );
+    metric(
+        "store_bytes_per_commit",
+        "gauge",
+        "Bytes the store wrote per commit since the start.",
+        &[("", s.flash.bytes_per_commit)],
+    );
+    metric(
+        "store_write_rate_bytes_per_day",
+        "gauge",
+        "The store's write rate over the last minute, as bytes per day.",
+        &[("", f(s.flash.bytes_per_day))],
+    );
+    metric(
+        "store_torn_total",
+        "counter",
+        "Torn writes found at the log's tail when the store opened.",
+        &[("", f(s.outbox.torn))],
     );
     metric(
         "flash_bytes_written_total",
@@ -710,8 +790,25 @@ pub fn summary(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "flash: {} bytes written, {:.0} bytes per message; store file {} bytes",
-        s.flash.bytes_written, s.flash.bytes_per_message, s.outbox.file_bytes
+        "flash: {} bytes written, {:.0} bytes per message; store: {} bytes in {} commits \
+         ({:.0} per commit, {} flushes), {} bytes/day at the current load",
+        s.flash.bytes_written,
+        s.flash.bytes_per_message,
+        s.flash.store_bytes_written,
+        s.outbox.commits,
+        s.flash.bytes_per_commit,
+        s.flash.store_flushes,
+        s.flash.bytes_per_day
+    );
+    let _ = writeln!(
+        out,
+        "store files: {} segments + {} spare, {} bytes; {} recycled, {} checkpoints, {} torn at open",
+        s.outbox.segments,
+        s.outbox.spare_segments,
+        s.outbox.file_bytes,
+        s.outbox.recycled,
+        s.outbox.checkpoints,
+        s.outbox.torn
     );
     let _ = writeln!(
         out,

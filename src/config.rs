@@ -217,6 +217,10 @@ pub struct OutboxConfig {
     /// Records older than this are dropped (counted): `"90s"`, `"30m"`, `"12h"`, `"7d"`.
     #[serde(default, deserialize_with = "duration_opt")]
     pub max_age: Option<std::time::Duration>,
+    /// The size of each segment file of the store's log (a multiple of 4096). A store keeps
+    /// the size its segments were made with.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
 }
 
 impl Default for OutboxConfig {
@@ -227,6 +231,7 @@ impl Default for OutboxConfig {
             commit_window_us: default_commit_window_us(),
             commit_max_records: default_commit_max_records(),
             max_age: None,
+            segment_bytes: default_segment_bytes(),
         }
     }
 }
@@ -510,6 +515,9 @@ fn default_max_bytes() -> u64 {
 }
 fn default_policy() -> OutboxPolicy {
     OutboxPolicy::DropOldest
+}
+fn default_segment_bytes() -> u64 {
+    crate::store::SEGMENT_BYTES
 }
 fn default_commit_window_us() -> u64 {
     2_000
@@ -876,6 +884,26 @@ impl Config {
                 "max_bytes",
                 "outbox.max_bytes",
                 "must be at least 4096 bytes".to_owned(),
+            ));
+        }
+        let segment = self.outbox.segment_bytes;
+        if segment % 4096 != 0 || !(64 * 1024..=1 << 30).contains(&segment) {
+            return Err(invalid(
+                "segment_bytes",
+                "outbox.segment_bytes",
+                "must be a multiple of 4096 from 65536 to 1073741824".to_owned(),
+            ));
+        }
+        let largest = crate::store::max_record(segment);
+        if (self.mqtt.max_packet_size as u64) > largest {
+            return Err(invalid(
+                "segment_bytes",
+                "outbox.segment_bytes",
+                format!(
+                    "segments of {segment} bytes hold messages of at most {largest} bytes, \
+                     less than mqtt.max_packet_size ({})",
+                    self.mqtt.max_packet_size
+                ),
             ));
         }
         if self.outbox.commit_max_records == 0 {

@@ -1,33 +1,72 @@
-//! The store: the only module that touches the embedded database (redb).
+//! The store: the only module that touches the disk. A segment log on flash that holds the
+//! **outbox** (accepted messages waiting for the hub's acknowledgement) and **keyed entries**
+//! (retained messages today; the broker's persistent sessions use the same records).
 //!
-//! Its main table is the **outbox**, an append-only queue of accepted messages waiting for the
-//! hub's acknowledgement.
+//! Why a log of its own: a store that is durable per acknowledgement must write at least one
+//! page and one flush per commit. Measured at the block device (docs/BENCHMARKS.md), redb wrote
+//! about 11× that per commit, and the libraries built for the job 1.03–3× with other costs
+//! (no cursor, sparse files, two flushes per add); this log writes the tail page(s) once and
+//! flushes once.
 //!
-//! On-disk layout (one redb file, `<data_dir>/relaybox.redb`):
-//! - `outbox`: `u64` sequence → prost-encoded [`OutboxRecord`]. Sequences only grow, also across
-//!   restarts and a fully drained outbox (the next one is kept in `meta`), so that a
-//!   `Nats-Msg-Id` of `<relay>-<epoch>-<seq>` is never reused.
-//! - `meta`: `epoch` (random, made when the file is created) and `next_seq`.
-//! - `retained`: MQTT topic → prost-encoded [`OutboxRecord`] of the topic's retained message
-//!   (the broker keeps them in memory only; they are restored into it at start). Not counted
-//!   against `max_bytes`: they have a bound of their own, `[mqtt] max_retained_bytes` (topic +
-//!   encoded record, summed over topics), beyond which a new retained message is refused.
+//! # On flash
+//! `<data_dir>/log/NNNNNNNN.seg`: segment files of one fixed size (`[outbox] segment_bytes`,
+//! 4 MiB by default), zero-filled once when made (never sparse or fallocate'd, so overwriting
+//! them changes no file-system metadata and `fdatasync` writes data only), and reused. The log
+//! is cut into chunks of that size; the first record of a file says which chunk it holds.
+//! Records (`format.rs`): a 16-byte header with its own CRC32C, a body with a CRC32C, both
+//! seeded with the record's position in the log, so bytes from an older chunk never pass for
+//! a record of a newer one. Kinds:
+//! - `Start` (first in every segment): chunk, store epoch, where the last complete checkpoint
+//!   began, the next outbox sequence.
+//! - `Append`: an outbox record: sequence, cumulative outbox bytes before it, prost
+//!   [`OutboxRecord`]. Sequences only grow (also across a drained outbox and restarts), so
+//!   `Nats-Msg-Id: <relay>-<epoch>-<seq>` never names two messages.
+//! - `Ack`: the outbox front (every record before it is acknowledged or dropped), written
+//!   lazily: riding on a data commit at most once a second, or alone once a second while
+//!   draining. After a power cut the hub may get up to a second of acknowledged records again;
+//!   it drops them by `Nats-Msg-Id`.
+//! - `Set` / `Remove`: a keyed entry `(space, key) → value`. Spaces: [`RETAINED`] (topic →
+//!   prost `OutboxRecord`); [`SESSION`], [`SUBSCRIPTION`], [`QUEUED`] and [`INFLIGHT`] are the
+//!   broker's persistent sessions (client → session state; client + filter → options; client +
+//!   number → a queued message; client + packet id → an unacknowledged delivery).
+//! - `CheckpointBegin` (the outbox front) … `Set` for every live entry … `CheckpointEnd`: the
+//!   whole keyed state again, written at a chunk change when the log has grown by
+//!   max(½ segment, 4 × the keyed state) since the last one.
+//! - `Pad`: a commit never ends on a page boundary, so after the tail there are always zeros
+//!   this store wrote, and anything else there is a torn write.
 //!
-//! Promises:
-//! - An append resolves its [`Ticket`] only after the commit that holds the record returned,
-//!   and that commit is durable (redb `Durability::Immediate`: fdatasync). One commit covers
-//!   every append that arrived within the commit window (group commit).
-//! - A record leaves the outbox only by [`Store::delete`] (the hub acknowledged it) or by the
-//!   bound (`drop-oldest`), which is counted.
-//! - The outbox never holds more than `max_bytes` (key + encoded record, counted per record).
-//! - A failed commit (disk full, I/O error) fails the waiting appends with an error; nothing
-//!   half-written is visible, and the relay goes on.
+//! # Promises
+//! - A commit is one `pwrite` of the tail page(s) and one `fdatasync`; a [`Ticket`] resolves
+//!   only after it returned. One commit takes everything that arrived within the commit window
+//!   (group commit). A commit that reaches the end of a chunk is cut in two there.
+//! - A record leaves the outbox only by [`Store::delete`] (the hub acknowledged it), by the
+//!   bound (`drop-oldest`), or by age (`max_age`), each counted.
+//! - The outbox never holds more than `max_bytes` (each record counts its encoding + 8 bytes).
+//!   Keyed entries have their own bound (`max_retained_bytes` for retained messages).
+//! - Space: a chunk before both the written outbox front and the checkpoint the newest chunk
+//!   names holds nothing live; its file becomes a spare, reused by the next chunk. Spares
+//!   beyond [`committer::RESERVE`] are deleted, so after a backlog drained the files shrink to
+//!   the live chunk and one spare. No compaction, no rewrite of live outbox data.
+//! - A failed commit (I/O error) fails the waiting tickets; the rest of that chunk is left
+//!   alone and the log goes on in the next one. Segments are made ahead of need, so a full
+//!   file system stops growth, not commits into existing segments.
 //!
-//! Crash recovery is redb's: after a crash or power cut the file opens at the last durable
-//! commit. Deletes may be committed without a flush; a delete lost that way only means the
-//! record is sent again, and the hub drops the duplicate by its `Nats-Msg-Id`.
+//! # Opening (`open.rs`)
+//! Every segment's first record is read; the newest chunk's `Start` names a checkpoint, and
+//! the state is rebuilt by reading from there to the tail — at most a couple of segments plus
+//! the keyed state, whatever the backlog. Damage is passed over and counted (`corrupt`); a
+//! damaged last record is a torn write (`torn`). Opening never panics and never refuses to
+//! start over what the files hold.
+//!
+//! A store made by an older relay (`relaybox.redb`) is converted at first start (`migrate.rs`):
+//! backlog with its sequences and epoch, and the retained messages.
 
 mod committer;
+mod format;
+mod front;
+mod log;
+mod migrate;
+mod open;
 pub mod users;
 
 use std::collections::HashMap;
@@ -36,18 +75,37 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prost::Message;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{oneshot, Notify};
 
 use crate::config::OutboxConfig;
 use crate::liveness::Heartbeat;
 pub use crate::proto::OutboxRecord;
 
-const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
-/// Bytes a record costs against `max_bytes` besides its encoding: its key.
+use format::{Cursor, Kind, Start};
+use front::Front;
+use log::{Files, Flow, Writer};
+use open::{Entries, Place};
+
+/// Bytes a record costs against `max_bytes` besides its encoding.
 const KEY_COST: u64 = 8;
+
+/// Keyed-entry spaces.
+pub const RETAINED: u8 = 1;
+pub const SESSION: u8 = 2;
+pub const SUBSCRIPTION: u8 = 3;
+pub const QUEUED: u8 = 4;
+pub const INFLIGHT: u8 = 5;
+
+/// The length of a `Start` record's body.
+const START_BODY: usize = 40;
+
+/// The default segment size.
+pub const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The largest encoded record a segment of `segment` bytes takes.
+pub fn max_record(segment: u64) -> u64 {
+    segment.saturating_sub(format::PAGE + 256)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -55,7 +113,7 @@ pub enum StoreError {
     Open { path: PathBuf, reason: String },
     #[error("the outbox is full ({max_bytes} bytes, policy refuse-new): message refused")]
     Full { max_bytes: u64 },
-    #[error("a message of {size} bytes is larger than the whole outbox ({max_bytes} bytes)")]
+    #[error("a message of {size} bytes is larger than the store takes ({max_bytes} bytes)")]
     TooLarge { size: u64, max_bytes: u64 },
     #[error(
         "retained messages would take more than max_retained_bytes ({max_bytes} bytes): \
@@ -70,14 +128,17 @@ pub enum StoreError {
     Closed,
 }
 
-/// Counters of the outbox since the relay started (and its size now).
+/// Counters of the store since the relay started (and its size now).
 #[derive(Debug, Default)]
 pub struct OutboxStats {
     pub appended: AtomicU64,
     pub dropped_oldest: AtomicU64,
     pub refused: AtomicU64,
     pub acknowledged: AtomicU64,
+    /// Damaged records passed over (at open and by readers).
     pub corrupt: AtomicU64,
+    /// Torn writes found at the tail when the store opened.
+    pub torn: AtomicU64,
     pub commits: AtomicU64,
     pub commit_failures: AtomicU64,
     pub records: AtomicU64,
@@ -86,10 +147,23 @@ pub struct OutboxStats {
     pub dropped_age: AtomicU64,
     /// When the oldest record was accepted (ms since the Unix epoch; 0: empty or unknown).
     pub oldest_unix_ms: AtomicU64,
-    /// Size of the store file on disk, in bytes (after the last commit).
+    /// Bytes of the segment files (live and spare).
     pub file_bytes: AtomicU64,
-    /// Times the file was compacted after the outbox drained.
-    pub compactions: AtomicU64,
+    pub segments: AtomicU64,
+    pub spare_segments: AtomicU64,
+    /// Segments whose chunks died and were made spares.
+    pub recycled: AtomicU64,
+    pub checkpoints: AtomicU64,
+    /// Bytes handed to the disk (`pwrite`), write calls and flushes (`fdatasync`), segment
+    /// creation included.
+    pub bytes_written: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    /// The store's write rate over the last minute, as bytes per day.
+    pub write_rate_per_day: AtomicU64,
+    /// How long the last open took, and how many bytes of log it read.
+    pub open_ms: AtomicU64,
+    pub open_scanned_bytes: AtomicU64,
     /// Topics with a retained message, and the bytes they take (topic + encoded record).
     pub retained_messages: AtomicU64,
     pub retained_bytes: AtomicU64,
@@ -112,10 +186,11 @@ pub(crate) enum Request {
         done: Option<oneshot::Sender<Result<u64, StoreError>>>,
     },
     Delete(Vec<u64>),
-    /// Sets (`Some`) or clears (`None`) the retained message of `topic`.
-    Retain {
-        topic: String,
-        encoded: Option<Vec<u8>>,
+    /// Sets (`Some`) or removes (`None`) a keyed entry.
+    Entry {
+        space: u8,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
         done: Option<oneshot::Sender<Result<u64, StoreError>>>,
     },
 }
@@ -160,28 +235,142 @@ impl RetainedBudget {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+fn read_lock<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    match m.read() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+fn write_lock<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    match m.write() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Positions readers found for sequences they will ask for next.
+const HINTS: usize = 4;
+
 struct Shared {
-    /// Readers and the committer share the database; compaction takes it alone.
-    db: std::sync::RwLock<Database>,
-    path: PathBuf,
+    files: Arc<Files>,
     epoch: u64,
     /// The sequence the next appended record will get.
     next_seq: AtomicU64,
     stats: Arc<OutboxStats>,
     committed: Notify,
     retained: Mutex<RetainedBudget>,
+    front: Mutex<Front>,
+    entries: Mutex<Entries>,
+    hints: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Shared {
-    fn read_db(&self) -> std::sync::RwLockReadGuard<'_, Database> {
-        match self.db.read() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
+    fn entry_bytes(&self) -> u64 {
+        committer::entry_bytes(&lock(&self.entries))
+    }
+
+    /// What a checkpoint of the keyed entries takes in the log.
+    fn checkpoint_bytes(&self) -> u64 {
+        let entries = lock(&self.entries);
+        let sets: u64 = entries
+            .iter()
+            .map(|((_, k), p)| format::record_len(9 + k.len() + p.value_len as usize))
+            .sum();
+        sets + format::record_len(40) + format::record_len(8)
+    }
+
+    /// Where to start reading for the record with sequence `seq`.
+    fn start_for(&self, seq: u64) -> u64 {
+        {
+            let front = lock(&self.front);
+            if seq <= front.cursor.first_seq {
+                return front.cursor.position;
+            }
+            if let Some(p) = front.position_of(seq) {
+                return p;
+            }
         }
+        if let Some(&(_, p)) = lock(&self.hints).iter().find(|(s, _)| *s == seq) {
+            return p;
+        }
+        self.files.chunk_for_seq(seq).unwrap_or(0)
+    }
+
+    fn hint(&self, seq: u64, position: u64) {
+        let mut hints = lock(&self.hints);
+        hints.retain(|(s, _)| *s != seq);
+        if hints.len() >= HINTS {
+            hints.remove(0);
+        }
+        hints.push((seq, position));
+    }
+
+    /// Up to `max` live outbox records with sequences in `from..before`, with the sequences
+    /// whose records cannot be decoded.
+    fn read(&self, from: u64, before: u64, max: usize) -> Result<ReadBatch, StoreError> {
+        let mut out = Vec::new();
+        let mut corrupt = Vec::new();
+        if max == 0 || from >= before {
+            return Ok((out, corrupt));
+        }
+        let start = self.start_for(from);
+        // Where a later read for the next sequence may start: a hint is a position at or
+        // before the record it names.
+        let mut resume = (from, start);
+        let report = self
+            .files
+            .scan(start, u64::MAX, |position, kind, body| {
+                let end = position + format::record_len(body.len());
+                let append = match kind {
+                    Kind::Append => format::split_append(body),
+                    _ => None,
+                };
+                let Some((seq, _, encoded)) = append else {
+                    resume.1 = end;
+                    return Flow::Continue;
+                };
+                if seq >= before {
+                    resume = (seq, position);
+                    return Flow::Stop;
+                }
+                resume = ((seq + 1).max(from), end);
+                if seq < from {
+                    return Flow::Continue;
+                }
+                match OutboxRecord::decode(encoded) {
+                    Ok(record) => out.push((seq, record)),
+                    Err(_) => corrupt.push(seq),
+                }
+                if out.len() >= max {
+                    Flow::Stop
+                } else {
+                    Flow::Continue
+                }
+            })
+            .map_err(|e| StoreError::Read(e.to_string()))?;
+        if report.corrupt > 0 {
+            self.stats
+                .corrupt
+                .fetch_add(report.corrupt, Ordering::Relaxed);
+        }
+        self.hint(resume.0, resume.1);
+        let front = lock(&self.front);
+        out.retain(|(seq, _)| !front.is_deleted(*seq));
+        Ok((out, corrupt))
     }
 }
 
-/// A handle on the store; clones share one database and one committer.
+type ReadBatch = (Vec<(u64, OutboxRecord)>, Vec<u64>);
+
+/// A handle on the store; clones share one log and one committer.
 #[derive(Clone)]
 pub struct Store {
     shared: Arc<Shared>,
@@ -206,6 +395,103 @@ impl Committer {
     }
 }
 
+/// What a store directory holds, read without writing: for checks from outside the relay
+/// (the hardware tests open a disk image as a power cut left it).
+#[derive(Debug, Default)]
+pub struct Inspection {
+    /// Live outbox records, in sequence order.
+    pub outbox: Vec<(u64, OutboxRecord)>,
+    /// Retained messages, in topic order.
+    pub retained: Vec<OutboxRecord>,
+    /// A torn write at the tail (0 or 1).
+    pub torn: u64,
+    /// Damaged records passed over.
+    pub corrupt: u64,
+    pub next_seq: u64,
+    pub epoch: u64,
+    /// Live segments, and the bytes of log read to rebuild the state.
+    pub segments: u64,
+    pub scanned_bytes: u64,
+}
+
+/// Reads the store in `data_dir` without changing anything.
+pub fn inspect(data_dir: &Path) -> Result<Inspection, StoreError> {
+    let dir = data_dir.join("log");
+    if !dir.is_dir() {
+        return Ok(Inspection::default());
+    }
+    let err = |e: std::io::Error| StoreError::Open {
+        path: dir.clone(),
+        reason: e.to_string(),
+    };
+    let Some(rec) = open::recover(&dir, SEGMENT_BYTES, false).map_err(err)? else {
+        return Ok(Inspection::default());
+    };
+    rec.files.durable_tail.store(rec.tail, Ordering::Release);
+    let mut outbox = Vec::new();
+    let first = rec.cursor.first_seq;
+    let from = rec.cursor.position.min(rec.checkpoint);
+    let report = rec
+        .files
+        .scan(from, rec.tail, |_, kind, body| {
+            if kind == Kind::Append {
+                if let Some((seq, _, encoded)) = format::split_append(body) {
+                    if seq >= first {
+                        if let Ok(record) = OutboxRecord::decode(encoded) {
+                            outbox.push((seq, record));
+                        }
+                    }
+                }
+            }
+            Flow::Continue
+        })
+        .map_err(err)?;
+    let segments = read_lock(&rec.files.chunks).len() as u64;
+    let retained = read_entries(&rec.files, &rec.entries, RETAINED)
+        .map_err(err)?
+        .0;
+    Ok(Inspection {
+        outbox,
+        retained,
+        torn: report.torn.max(rec.report.torn),
+        corrupt: report.corrupt.max(rec.report.corrupt),
+        next_seq: rec.cursor.next_seq,
+        epoch: rec.epoch,
+        segments,
+        scanned_bytes: rec.scanned,
+    })
+}
+
+/// The retained records of `space`, in topic order, and the topics whose record is damaged.
+fn read_entries(
+    files: &Files,
+    entries: &Entries,
+    space: u8,
+) -> std::io::Result<(Vec<OutboxRecord>, Vec<String>)> {
+    let mut places: Vec<(&Vec<u8>, Place)> = entries
+        .iter()
+        .filter(|((s, _), _)| *s == space)
+        .map(|((_, k), p)| (k, *p))
+        .collect();
+    places.sort();
+    let mut out = Vec::with_capacity(places.len());
+    let mut damaged = Vec::new();
+    for (key, place) in places {
+        let topic = String::from_utf8_lossy(key).into_owned();
+        let max = format::record_len(place.value_len as usize + key.len() + 9);
+        let record = match files.read_record(place.position, max)? {
+            Some((Kind::Set, body)) => format::split_entry(&body, true)
+                .and_then(|(_, _, v)| v.and_then(|v| OutboxRecord::decode(v).ok())),
+            _ => None,
+        };
+        match record {
+            Some(r) if r.topic == topic => out.push(r),
+            _ => damaged.push(topic),
+        }
+    }
+    Ok((out, damaged))
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir`. Retained messages may take `max_retained_bytes`.
     pub fn open(
@@ -218,37 +504,110 @@ impl Store {
             reason,
         };
         std::fs::create_dir_all(dir).map_err(|e| open_err(e.to_string()))?;
-        let path = dir.join("relaybox.redb");
-        let db = Database::create(&path).map_err(|e| open_err(e.to_string()))?;
+        migrate::if_needed(dir, config).map_err(&open_err)?;
+        let log_dir = dir.join("log");
+        std::fs::create_dir_all(&log_dir).map_err(|e| open_err(e.to_string()))?;
+        let segment = config.segment_bytes;
+        let rec =
+            match open::recover(&log_dir, segment, true).map_err(|e| open_err(e.to_string()))? {
+                Some(rec) => rec,
+                None => {
+                    // 48 bits keep the id short and still make a collision between two stores of
+                    // one relay practically impossible.
+                    let epoch = rand::random::<u64>() >> 16;
+                    create(&log_dir, segment, epoch, 1).map_err(|e| open_err(e.to_string()))?;
+                    open::recover(&log_dir, segment, true)
+                        .map_err(|e| open_err(e.to_string()))?
+                        .ok_or_else(|| open_err("the new log cannot be read back".to_owned()))?
+                }
+            };
+        Self::from_recovered(log_dir, rec, config, max_retained_bytes)
+            .map_err(|e| open_err(e.to_string()))
+    }
 
-        let Init {
-            epoch,
-            next_seq,
-            records,
-            bytes,
-            retained,
-        } = init(&db).map_err(open_err)?;
-        let stats = OutboxStats::default();
-        stats.records.store(records, Ordering::Relaxed);
-        stats.bytes.store(bytes, Ordering::Relaxed);
+    fn from_recovered(
+        log_dir: PathBuf,
+        rec: open::Recovered,
+        config: &OutboxConfig,
+        max_retained_bytes: u64,
+    ) -> std::io::Result<(Store, Committer)> {
+        let stats = Arc::new(OutboxStats::default());
+        stats.torn.store(rec.report.torn, Ordering::Relaxed);
+        stats.corrupt.store(rec.report.corrupt, Ordering::Relaxed);
+        stats.open_ms.store(rec.elapsed_ms, Ordering::Relaxed);
+        stats
+            .open_scanned_bytes
+            .store(rec.scanned, Ordering::Relaxed);
+        let sizes: HashMap<String, u64> = rec
+            .entries
+            .iter()
+            .filter(|((s, _), _)| *s == RETAINED)
+            .map(|((_, k), p)| {
+                let topic = String::from_utf8_lossy(k).into_owned();
+                let size = topic.len() as u64 + p.value_len;
+                (topic, size)
+            })
+            .collect();
         // Retained messages kept before a lower bound was set stay; new ones wait for room.
         let budget = RetainedBudget {
-            total: retained.values().sum(),
-            sizes: retained,
+            total: sizes.values().sum(),
+            sizes,
             max: max_retained_bytes,
         };
         budget.show(&stats);
+        let tail_file = read_lock(&rec.files.chunks)
+            .get(&rec.tail_chunk)
+            .map(|c| (c.file.clone(), c.path.clone()));
+        let Some((tail_file, _)) = tail_file else {
+            return Err(std::io::Error::other("the newest segment vanished"));
+        };
+        let writer = Writer::resume(
+            rec.files.clone(),
+            stats.clone(),
+            rec.tail_chunk,
+            tail_file,
+            rec.tail,
+        )?;
+        let live_paths: Vec<PathBuf> = read_lock(&rec.files.chunks)
+            .values()
+            .map(|c| c.path.clone())
+            .collect();
+        let segments = committer::Segments::new(log_dir, rec.spares, &live_paths, stats.clone());
+        let front = Front::new(rec.cursor);
+        stats.records.store(front.records(), Ordering::Relaxed);
+        stats.bytes.store(front.bytes(), Ordering::Relaxed);
         let shared = Arc::new(Shared {
-            db: std::sync::RwLock::new(db),
-            path: path.clone(),
-            next_seq: AtomicU64::new(next_seq),
-            epoch,
-            stats: Arc::new(stats),
+            files: rec.files.clone(),
+            epoch: rec.epoch,
+            next_seq: AtomicU64::new(rec.cursor.next_seq),
+            stats,
             committed: Notify::new(),
             retained: Mutex::new(budget),
+            front: Mutex::new(front),
+            entries: Mutex::new(rec.entries),
+            hints: Mutex::new(Vec::new()),
         });
+        tracing::info!(
+            records = shared.stats.records.load(Ordering::Relaxed),
+            segments = live_paths.len(),
+            open_ms = rec.elapsed_ms,
+            scanned_bytes = rec.scanned,
+            torn = rec.report.torn,
+            corrupt = rec.report.corrupt,
+            "store opened"
+        );
         let (tx, rx) = flume::bounded(8192);
-        let inner = committer::Inner::new(shared.clone(), rx, config, next_seq);
+        let inner = committer::Inner::new(
+            shared.clone(),
+            rx,
+            config,
+            committer::Parts {
+                writer,
+                segments,
+                checkpoint: rec.checkpoint,
+                cursor: rec.cursor,
+            },
+        );
         Ok((
             Store {
                 shared,
@@ -258,7 +617,7 @@ impl Store {
         ))
     }
 
-    /// The store's epoch: random, made when the file was created.
+    /// The store's epoch: random, made when the store was created.
     pub fn epoch(&self) -> u64 {
         self.shared.epoch
     }
@@ -317,14 +676,20 @@ impl Store {
         done: Option<oneshot::Sender<Result<u64, StoreError>>>,
     ) -> Result<(), StoreError> {
         let encoded = (!record.payload.is_empty()).then(|| record.encode_to_vec());
+        if let Some(e) = &encoded {
+            let max = max_record(self.shared.files.segment_bytes);
+            if e.len() as u64 > max {
+                return Err(StoreError::TooLarge {
+                    size: e.len() as u64,
+                    max_bytes: max,
+                });
+            }
+        }
         {
             let size = encoded
                 .as_ref()
                 .map(|e| (record.topic.len() + e.len()) as u64);
-            let mut budget = match self.shared.retained.lock() {
-                Ok(g) => g,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut budget = lock(&self.shared.retained);
             let stats = &self.shared.stats;
             if let Err(error) = budget.admit(&record.topic, size) {
                 stats.retained_refused.fetch_add(1, Ordering::Relaxed);
@@ -333,9 +698,10 @@ impl Store {
             budget.show(stats);
         }
         self.requests
-            .send_async(Request::Retain {
-                topic: record.topic.clone(),
-                encoded,
+            .send_async(Request::Entry {
+                space: RETAINED,
+                key: record.topic.as_bytes().to_vec(),
+                value: encoded,
                 done,
             })
             .await
@@ -345,12 +711,16 @@ impl Store {
     /// Every retained message kept, in topic order.
     pub async fn retained(&self) -> Result<Vec<OutboxRecord>, StoreError> {
         let shared = self.shared.clone();
-        let (records, corrupt) =
-            tokio::task::spawn_blocking(move || read_retained(&shared.read_db()))
-                .await
-                .map_err(|e| StoreError::Read(e.to_string()))??;
+        let (records, corrupt) = tokio::task::spawn_blocking(move || {
+            let entries = lock(&shared.entries).clone();
+            read_entries(&shared.files, &entries, RETAINED)
+        })
+        .await
+        .map_err(|e| StoreError::Read(e.to_string()))?
+        .map_err(|e| StoreError::Read(e.to_string()))?;
         for topic in corrupt {
             tracing::error!(topic, "retained message is corrupt; dropping it");
+            self.shared.stats.corrupt.fetch_add(1, Ordering::Relaxed);
             let record = OutboxRecord {
                 topic,
                 ..Default::default()
@@ -383,9 +753,7 @@ impl Store {
         before: u64,
         max: usize,
     ) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
-        let mut records = self.read_after(after, max).await?;
-        records.retain(|(seq, _)| *seq < before);
-        Ok(records)
+        self.read(after.saturating_add(1), before, max).await
     }
 
     /// The first sequence of the outbox's recent tail: records accepted at or after
@@ -396,13 +764,18 @@ impl Store {
         since_unix_ms: u64,
         at_most: usize,
     ) -> Result<u64, StoreError> {
-        let shared = self.shared.clone();
         let next = self.next_seq();
-        tokio::task::spawn_blocking(move || {
-            first_recent(&shared.read_db(), since_unix_ms, at_most, next)
-        })
-        .await
-        .map_err(|e| StoreError::Read(e.to_string()))?
+        let from = next.saturating_sub(at_most as u64);
+        let records = self.read(from, next, at_most).await?;
+        let mut first = None;
+        for (seq, record) in records {
+            if record.accepted_unix_ms < since_unix_ms {
+                first = None;
+            } else if first.is_none() {
+                first = Some(seq);
+            }
+        }
+        Ok(first.unwrap_or(next))
     }
 
     /// Waits until a commit adds records (or a short while passes).
@@ -418,9 +791,18 @@ impl Store {
         after: u64,
         max: usize,
     ) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
+        self.read(after.saturating_add(1), u64::MAX, max).await
+    }
+
+    async fn read(
+        &self,
+        from: u64,
+        before: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
         let shared = self.shared.clone();
         let (records, corrupt) =
-            tokio::task::spawn_blocking(move || read_after(&shared.read_db(), after, max))
+            tokio::task::spawn_blocking(move || shared.read(from, before, max))
                 .await
                 .map_err(|e| StoreError::Read(e.to_string()))??;
         if !corrupt.is_empty() {
@@ -437,177 +819,38 @@ impl Store {
     }
 }
 
-type ReadResult = Result<(Vec<(u64, OutboxRecord)>, Vec<u64>), StoreError>;
-
-fn read_after(db: &Database, after: u64, max: usize) -> ReadResult {
-    let err = |e: &dyn std::fmt::Display| StoreError::Read(e.to_string());
-    let txn = db.begin_read().map_err(|e| err(&e))?;
-    let table = txn.open_table(OUTBOX).map_err(|e| err(&e))?;
-    let mut out = Vec::new();
-    let mut corrupt = Vec::new();
-    let start = after.saturating_add(1);
-    for item in table.range(start..).map_err(|e| err(&e))?.take(max) {
-        let (k, v) = item.map_err(|e| err(&e))?;
-        match OutboxRecord::decode(v.value()) {
-            Ok(record) => out.push((k.value(), record)),
-            Err(_) => corrupt.push(k.value()),
-        }
-    }
-    Ok((out, corrupt))
-}
-
-fn first_recent(
-    db: &Database,
-    since_unix_ms: u64,
-    at_most: usize,
-    next: u64,
-) -> Result<u64, StoreError> {
-    let err = |e: &dyn std::fmt::Display| StoreError::Read(e.to_string());
-    let txn = db.begin_read().map_err(|e| err(&e))?;
-    let table = txn.open_table(OUTBOX).map_err(|e| err(&e))?;
-    let mut first = next;
-    for item in table
-        .range(..next)
-        .map_err(|e| err(&e))?
-        .rev()
-        .take(at_most)
-    {
-        let (k, v) = item.map_err(|e| err(&e))?;
-        // A record that cannot be decoded is passed over here; reading it reports it.
-        match OutboxRecord::decode(v.value()) {
-            Ok(record) if record.accepted_unix_ms < since_unix_ms => break,
-            _ => first = k.value(),
-        }
-    }
-    Ok(first)
-}
-
-fn read_retained(db: &Database) -> Result<(Vec<OutboxRecord>, Vec<String>), StoreError> {
-    let err = |e: &dyn std::fmt::Display| StoreError::Read(e.to_string());
-    let txn = db.begin_read().map_err(|e| err(&e))?;
-    let table = txn.open_table(RETAINED).map_err(|e| err(&e))?;
-    let mut out = Vec::new();
-    let mut corrupt = Vec::new();
-    for item in table.iter().map_err(|e| err(&e))? {
-        let (k, v) = item.map_err(|e| err(&e))?;
-        match OutboxRecord::decode(v.value()) {
-            Ok(record) if record.topic == k.value() => out.push(record),
-            _ => corrupt.push(k.value().to_owned()),
-        }
-    }
-    Ok((out, corrupt))
-}
-
-/// What the store holds when it opens.
-struct Init {
-    epoch: u64,
-    /// The sequence the next appended record gets.
-    next_seq: u64,
-    /// Records in the outbox and the bytes they count against `max_bytes`.
-    records: u64,
-    bytes: u64,
-    /// The bytes each topic's retained message takes.
-    retained: HashMap<String, u64>,
-}
-
-/// Creates the tables on first open and reads what they hold.
-fn init(db: &Database) -> Result<Init, String> {
-    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
-    // Like the committer's: a power cut right after the start must not need a full repair.
-    txn.set_quick_repair(true);
-    let result = {
-        let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
-        let outbox = txn.open_table(OUTBOX).map_err(|e| e.to_string())?;
-        let retained_table = txn.open_table(RETAINED).map_err(|e| e.to_string())?;
-        let mut retained = HashMap::new();
-        for item in retained_table.iter().map_err(|e| e.to_string())? {
-            let (k, v) = item.map_err(|e| e.to_string())?;
-            let topic = k.value().to_owned();
-            let size = (topic.len() + v.value().len()) as u64;
-            retained.insert(topic, size);
-        }
-        let existing = meta
-            .get("epoch")
-            .map_err(|e| e.to_string())?
-            .map(|v| v.value());
-        let epoch = match existing {
-            Some(epoch) => epoch,
-            None => {
-                // 48 bits keep the id short and still make a collision between two files of
-                // one relay practically impossible.
-                let epoch = rand::random::<u64>() >> 16;
-                meta.insert("epoch", epoch).map_err(|e| e.to_string())?;
-                epoch
-            }
-        };
-        let stored_next = meta
-            .get("next_seq")
-            .map_err(|e| e.to_string())?
-            .map_or(1, |v| v.value());
-        let last = outbox
-            .last()
-            .map_err(|e| e.to_string())?
-            .map_or(0, |(k, _)| k.value());
-        let mut records = 0;
-        let mut bytes = 0;
-        for item in outbox.iter().map_err(|e| e.to_string())? {
-            let (_, v) = item.map_err(|e| e.to_string())?;
-            records += 1;
-            bytes += v.value().len() as u64 + KEY_COST;
-        }
-        Init {
-            epoch,
-            next_seq: stored_next.max(last + 1),
-            records,
-            bytes,
-            retained,
-        }
+/// Makes a new log in `dir`: chunk 0 with its start and an empty checkpoint, in one commit.
+fn create(dir: &Path, segment: u64, epoch: u64, next_seq: u64) -> std::io::Result<()> {
+    let (path, file) = log::create_segment(dir, 0, segment)?;
+    let file = Arc::new(file);
+    let files = Arc::new(Files {
+        segment_bytes: segment,
+        chunks: Default::default(),
+        durable_tail: Default::default(),
+    });
+    write_lock(&files.chunks).insert(0, log::Chunk::new(file.clone(), path, next_seq));
+    let mut writer = Writer::resume(files, Arc::default(), 0, file, 0)?;
+    let begin = format::record_len(START_BODY);
+    let start = Start {
+        chunk: 0,
+        epoch,
+        checkpoint: begin,
+        next_seq,
+        fallback: begin,
     };
-    txn.commit().map_err(|e| e.to_string())?;
-    Ok(result)
+    writer.start_chunk(0, writer.file(), &start);
+    let cursor = Cursor {
+        first_seq: next_seq,
+        position: begin,
+        cum: 0,
+        next_seq,
+        cum_next: 0,
+    };
+    let at = writer.stage(Kind::CheckpointBegin, &cursor.encode());
+    debug_assert_eq!(at, begin);
+    writer.stage(Kind::CheckpointEnd, &begin.to_le_bytes());
+    writer.commit()
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn record(at: u64) -> OutboxRecord {
-        OutboxRecord {
-            topic: "t".into(),
-            payload: at.to_be_bytes().to_vec().into(),
-            qos: 1,
-            accepted_unix_ms: at,
-            ..Default::default()
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_recent_tail_is_found_by_acceptance_time() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (store, committer) =
-            Store::open(dir.path(), &OutboxConfig::default(), 1 << 20).expect("open");
-        let thread = std::thread::spawn(move || committer.run());
-        assert_eq!(store.first_recent(0, 100).await.expect("read"), 1, "empty");
-        for at in [100, 200, 300, 400, 500] {
-            store
-                .append(&record(at))
-                .await
-                .expect("append")
-                .durable()
-                .await
-                .expect("commit");
-        }
-        assert_eq!(store.first_recent(300, 100).await.expect("read"), 3);
-        assert_eq!(store.first_recent(301, 100).await.expect("read"), 4);
-        assert_eq!(store.first_recent(0, 100).await.expect("read"), 1);
-        assert_eq!(
-            store.first_recent(600, 100).await.expect("read"),
-            6,
-            "none recent"
-        );
-        // Looking back at most two records.
-        assert_eq!(store.first_recent(0, 2).await.expect("read"), 4);
-        drop(store);
-        thread.join().expect("committer");
-    }
-}
+mod tests;

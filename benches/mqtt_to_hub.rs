@@ -243,10 +243,12 @@ async fn start_rig(system: System, settings: &Settings, logs: &mut String) -> Re
                     settings.programs.relaybox.display()
                 );
             }
-            common::spawn_relaybox(&settings.programs, dir.path(), ports, None)?
+            let data = dir.path().join("relaybox-data");
+            common::spawn_relaybox(&settings.programs, dir.path(), &data, ports, None)?
         }
         System::Leaf | System::Sourced => {
-            common::spawn_leaf(&settings.programs, dir.path(), ports)?
+            let store = dir.path().join("leaf-js");
+            common::spawn_leaf(&settings.programs, dir.path(), &store, ports, false)?
         }
     };
     let mut servers = Servers { sut, hub };

@@ -39,7 +39,8 @@ pub const SETTLE: Duration = Duration::from_secs(1);
 /// The whole of a bench's `main`: with the `settings` loaded, runs `bench` to completion on a
 /// tokio runtime with two workers, driven from this thread (the servers are spawned from here,
 /// inside `block_on`: see [`Proc::spawn`]). Exit code 2, after a message that starts with `name`,
-/// when the settings are wrong or the runtime cannot start.
+/// when the settings are wrong or the runtime cannot start. On SIGINT or SIGTERM the bench is
+/// dropped, so that its guards stop the servers and undo what they set up (exit code 130).
 pub fn main<S, F>(name: &str, settings: Result<S>, bench: impl FnOnce(S) -> F) -> ExitCode
 where
     F: Future<Output = ExitCode>,
@@ -62,7 +63,31 @@ where
             return ExitCode::from(2);
         }
     };
-    runtime.block_on(bench(settings))
+    runtime.block_on(async {
+        tokio::select! {
+            code = bench(settings) => code,
+            signal = interrupted() => {
+                eprintln!("{name}: {signal}; stopping the servers and cleaning up");
+                ExitCode::from(130)
+            }
+        }
+    })
+}
+
+/// Waits for SIGINT or SIGTERM and names it; never returns if the handlers cannot be installed
+/// (the default action then still ends the process).
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "interrupted (SIGINT)",
+            _ = term.recv() => "terminated (SIGTERM)",
+        },
+        _ => std::future::pending().await,
+    }
 }
 
 /// The programs a bench runs and where their data goes, from the environment (an empty
@@ -114,7 +139,7 @@ impl Programs {
 }
 
 /// The first file called `name` in a directory of `PATH`.
-fn find_on_path(name: &str) -> Option<PathBuf> {
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
@@ -136,6 +161,8 @@ pub struct Proc {
     name: &'static str,
     child: Child,
     log: PathBuf,
+    /// Stopped on purpose by [`Proc::stop`]: its exit is no failure.
+    stopped: bool,
 }
 
 impl Proc {
@@ -170,7 +197,12 @@ impl Proc {
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {name} ({})", program.display()))?;
-        Ok(Proc { name, child, log })
+        Ok(Proc {
+            name,
+            child,
+            log,
+            stopped: false,
+        })
     }
 
     /// The process id (for `/proc/PID/...`).
@@ -178,8 +210,11 @@ impl Proc {
         self.child.id()
     }
 
-    /// An error if the process has exited.
+    /// An error if the process has exited without being stopped by [`Proc::stop`].
     pub fn ensure_running(&mut self) -> Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
         if let Some(status) = self.child.try_wait()? {
             bail!("{} exited unexpectedly ({status})", self.name);
         }
@@ -205,10 +240,11 @@ impl Proc {
         }
         out
     }
-}
 
-impl Drop for Proc {
-    fn drop(&mut self) {
+    /// Stops the process (TERM, then KILL after 5 s) and waits for it; from then on its exit is
+    /// expected.
+    pub fn stop(&mut self) {
+        self.stopped = true;
         if !matches!(self.child.try_wait(), Ok(None)) {
             return;
         }
@@ -231,6 +267,12 @@ impl Drop for Proc {
         );
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -436,13 +478,14 @@ pub async fn start_hub(
     }
 }
 
-/// Starts relaybox with its config and data in `dir`: MQTT on `ports.mqtt`, admin on
-/// `ports.sut`, exporting `bench/#` to the hub with JetStream publish into [`HUB_STREAM`], which
-/// it creates. `commit_window_us` sets the group-commit window; `None` keeps relaybox's default
-/// and writes no `[outbox]` section.
+/// Starts relaybox with its config and log in `dir` and its store in `data_dir`: MQTT on
+/// `ports.mqtt`, admin on `ports.sut`, exporting `bench/#` to the hub with JetStream publish into
+/// [`HUB_STREAM`], which it creates. `commit_window_us` sets the group-commit window; `None`
+/// keeps relaybox's default and writes no `[outbox]` section.
 pub fn spawn_relaybox(
     programs: &Programs,
     dir: &Path,
+    data_dir: &Path,
     ports: Ports,
     commit_window_us: Option<u64>,
 ) -> Result<Proc> {
@@ -460,10 +503,7 @@ pub fn spawn_relaybox(
              mode = \"jetstream\"\nstream = \"{HUB_STREAM}\"\ncreate_stream = true\n\n\
              [admin]\nlisten = \"127.0.0.1:{}\"\n\n\
              [[export]]\nfilter = \"bench/#\"\n",
-            dir.join("relaybox-data"),
-            ports.mqtt,
-            ports.hub,
-            ports.sut
+            data_dir, ports.mqtt, ports.hub, ports.sut
         ),
     )
     .with_context(|| format!("write {}", conf.display()))?;
@@ -476,21 +516,32 @@ pub fn spawn_relaybox(
     )
 }
 
-/// Starts a nats-server leaf node of the hub with its config and data in `dir`: NATS clients on
-/// `ports.sut`, MQTT on `ports.mqtt`, JetStream in domain [`LEAF_DOMAIN`] (MQTT needs it).
-pub fn spawn_leaf(programs: &Programs, dir: &Path, ports: Ports) -> Result<Proc> {
+/// Starts a nats-server leaf node of the hub with its config and log in `dir` and its JetStream
+/// store in `store_dir`: NATS clients on `ports.sut`, MQTT on `ports.mqtt`, JetStream in domain
+/// [`LEAF_DOMAIN`] (MQTT needs it). `sync_always` adds `sync_interval: always` (nats-server
+/// 2.10 and later): every stored message is synced; otherwise nats-server's default applies (a
+/// sync every 2 minutes).
+pub fn spawn_leaf(
+    programs: &Programs,
+    dir: &Path,
+    store_dir: &Path,
+    ports: Ports,
+    sync_always: bool,
+) -> Result<Proc> {
     let conf = dir.join("leaf.conf");
+    let sync = if sync_always {
+        ", sync_interval: always"
+    } else {
+        ""
+    };
     fs::write(
         &conf,
         format!(
             "server_name: leaf\nlisten: \"127.0.0.1:{}\"\n\
-             jetstream {{ store_dir: {:?}, domain: {LEAF_DOMAIN} }}\n\
+             jetstream {{ store_dir: {:?}, domain: {LEAF_DOMAIN}{sync} }}\n\
              leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{}\" }} ] }}\n\
              mqtt {{ listen: \"127.0.0.1:{}\" }}\n",
-            ports.sut,
-            dir.join("leaf-js"),
-            ports.hub_leaf,
-            ports.mqtt
+            ports.sut, store_dir, ports.hub_leaf, ports.mqtt
         ),
     )
     .with_context(|| format!("write {}", conf.display()))?;

@@ -103,6 +103,16 @@ pub enum SensorPort {
     Socket(PathBuf),
 }
 
+/// The image's log-writes mode (`rbx.logwrites=1`, hw-tests/image/init): the store's disk is
+/// used through device-mapper's `log-writes` target, which records every write and flush on
+/// `log_disk`; the host places marks in that log by writing lines into `marks`, a Unix socket
+/// QEMU listens on (the guest's virtio-serial port `rbx.marks`).
+#[derive(Debug, Clone)]
+pub struct LogWrites {
+    pub log_disk: PathBuf,
+    pub marks: PathBuf,
+}
+
 /// A guest with its own store disk; it can be booted, power-cut and booted again.
 pub struct Guest {
     dir: PathBuf,
@@ -112,6 +122,7 @@ pub struct Guest {
     pub mqtt_port: u16,
     pub hub_port: u16,
     pub sensor: SensorPort,
+    pub logwrites: Option<LogWrites>,
     child: Option<Child>,
     boots: usize,
     started: Instant,
@@ -137,6 +148,7 @@ impl Guest {
             mqtt_port: free_port(),
             hub_port,
             sensor: SensorPort::None,
+            logwrites: None,
             child: None,
             boots: 0,
             started: Instant::now(),
@@ -186,8 +198,13 @@ impl Guest {
             .arg(&image.initrd)
             .arg("-append")
             .arg(format!(
-                "console=ttyS0 quiet panic=-1 rbx.hub_port={}",
-                self.hub_port
+                "console=ttyS0 quiet panic=-1 rbx.hub_port={}{}",
+                self.hub_port,
+                if self.logwrites.is_some() {
+                    " rbx.logwrites=1"
+                } else {
+                    ""
+                }
             ))
             // The console: a PCI 16550 (ttyS0), so that the PL011 stays free for the sensor.
             .arg("-chardev")
@@ -207,8 +224,28 @@ impl Guest {
                 "file={},format=raw,if=none,id=store,cache=none,aio=threads",
                 self.disk.display()
             ))
-            .args(["-device", "virtio-blk-pci,drive=store"])
+            // The serial lets the log-writes mode tell its two disks apart.
+            .args(["-device", "virtio-blk-pci,drive=store,serial=rbx-data"])
             .args(["-device", "virtio-rng-pci"]);
+        if let Some(lw) = &self.logwrites {
+            // The log disk needs no care: QEMU exits normally once the target has written it.
+            cmd.arg("-drive")
+                .arg(format!(
+                    "file={},format=raw,if=none,id=log,cache=unsafe",
+                    lw.log_disk.display()
+                ))
+                .args(["-device", "virtio-blk-pci,drive=log,serial=rbx-log"])
+                .args(["-device", "virtio-serial-pci,id=vser"])
+                .arg("-chardev")
+                .arg(format!(
+                    "socket,id=marks,path={},server=on,wait=off",
+                    lw.marks.display()
+                ))
+                .args([
+                    "-device",
+                    "virtserialport,bus=vser.0,chardev=marks,name=rbx.marks",
+                ]);
+        }
         match &self.sensor {
             SensorPort::None => {
                 cmd.args(["-serial", "null"]);
@@ -297,6 +334,18 @@ impl Guest {
                 .is_some(),
             "qemu survived SIGKILL"
         );
+    }
+
+    /// Waits (bounded) for the guest to power itself off; panics with the console otherwise.
+    pub async fn wait_poweroff(&mut self, timeout: Duration) {
+        let mut child = self.child.take().expect("guest is not running");
+        if wait_exit(&mut child, timeout).await.is_none() {
+            self.child = Some(child);
+            panic!(
+                "the guest did not power off within {timeout:?}; {}",
+                self.failure_report()
+            );
+        }
     }
 
     /// Asserts the guest is still running (relaybox has not exited, the kernel did not panic).

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 /// At most this many payloads per run (a bound; a cut comes long before).
@@ -17,6 +18,23 @@ const MAX_MESSAGES: usize = 1_000_000;
 /// Bytes of filler after each payload's unique `<tag>-<i> ` head: sensor-sized messages, and a
 /// store file that grows past the size at which the store compacts it once drained.
 const FILLER: usize = 1_000;
+
+/// The `i`-th payload of a run tagged `tag`: `<tag>-<i> ` and the filler.
+pub fn payload(tag: &str, i: usize) -> String {
+    format!("{tag}-{i} {}", "x".repeat(FILLER))
+}
+
+/// Which payload of a run tagged `tag` `text` is: the `i` of [`payload`]`(tag, i)`.
+pub fn payload_index(tag: &str, text: &str) -> Option<usize> {
+    let i = text
+        .strip_prefix(tag)?
+        .strip_prefix('-')?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()?;
+    (payload(tag, i) == text).then_some(i)
+}
 
 /// What one run sent and which of it was acknowledged.
 #[derive(Debug, Default)]
@@ -46,7 +64,20 @@ pub struct Recording {
 }
 
 impl Recording {
+    /// Publishes until the connection fails (the power cut).
     pub fn start(port: u16, client_id: &str, tag: &str) -> Recording {
+        Recording::start_paced(port, client_id, tag, MAX_MESSAGES, None)
+    }
+
+    /// Publishes `<tag>-0` … `<tag>-(limit-1)`, each once it has a permit from `pace` (when
+    /// given: the test releases messages in rounds), then waits for their PUBACKs.
+    pub fn start_paced(
+        port: u16,
+        client_id: &str,
+        tag: &str,
+        limit: usize,
+        pace: Option<Arc<Semaphore>>,
+    ) -> Recording {
         let mut opts = MqttOptions::new(client_id, "127.0.0.1", port);
         opts.set_keep_alive(Duration::from_secs(30));
         opts.set_inflight(64);
@@ -58,9 +89,14 @@ impl Recording {
             let topic = format!("sensors/hw/{tag}");
             let tag = tag.to_owned();
             async move {
-                let filler = "x".repeat(FILLER);
-                for i in 0..MAX_MESSAGES {
-                    let payload = format!("{tag}-{i} {filler}");
+                for i in 0..limit.min(MAX_MESSAGES) {
+                    if let Some(pace) = &pace {
+                        match pace.acquire().await {
+                            Ok(permit) => permit.forget(),
+                            Err(_) => return,
+                        }
+                    }
+                    let payload = payload(&tag, i);
                     // Queued here before the request exists, so the event loop always finds it.
                     shared
                         .lock()
@@ -129,6 +165,16 @@ impl Recording {
             s.log.acked.len(),
             s.log.ended_by
         );
+    }
+
+    /// Ends the run now (the connection is dropped, no DISCONNECT); returns the log.
+    pub async fn stop(self) -> AckLog {
+        self.events.abort();
+        self.feeder.abort();
+        let _ = self.events.await;
+        let _ = self.feeder.await;
+        let mut s = self.shared.lock().expect("publisher state");
+        std::mem::take(&mut s.log)
     }
 
     /// Waits (bounded) for the run to end by its connection failing; returns the log.

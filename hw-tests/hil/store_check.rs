@@ -1,27 +1,25 @@
-//! Looks at the store exactly as a power cut left it, from the host, without booting the guest.
+//! Looks at the store exactly as a power cut (or a replayed block log) left a disk, from the
+//! host, without booting the guest.
 //!
 //! The disk image is copied, the copy's ext4 journal is replayed (`e2fsck -E journal_only`: what
-//! the guest kernel does when it mounts the disk, no file-system repair), the redb file is taken
-//! out with `debugfs`, and opened with redb the way relaybox opens it, with a repair callback.
-//! This is a test's outside view of the file; relaybox itself stays the only code that writes
-//! it. The schema it reads (`outbox`: u64 → bytes) is the one `src/store/mod.rs` documents.
+//! the guest kernel does when it mounts the disk, no file-system repair), the store's directory
+//! is taken out with `debugfs -R rdump`, and opened with relaybox's own read-only view of it,
+//! `relaybox::store::inspect`: the records it would recover, and what it had to pass over (a
+//! torn tail, corrupt records). relaybox itself stays the only code that writes the store.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use redb::{ReadableDatabase, ReadableTableMetadata, TableDefinition};
-
-const OUTBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("outbox");
 /// Where the guest keeps the store on its disk (data_dir = /data/relaybox, disk on /data).
-const STORE_FILE_ON_DISK: &str = "/relaybox/relaybox.redb";
+const STORE_DIR_ON_DISK: &str = "/relaybox";
 
 /// What the store looked like after a cut.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreAfterCut {
-    /// redb had to run its repair (rebuild allocator state) to open the file.
-    pub repaired: bool,
+    /// Records the store found damaged (a checksum that does not match, not at the tail).
+    pub corrupt: u64,
+    /// A tail the store passed over as not written completely (a commit the cut interrupted).
+    pub torn: u64,
     /// Records in the outbox (acknowledged to a client, not yet acknowledged by the hub).
     pub outbox_records: u64,
 }
@@ -39,62 +37,83 @@ fn e2fs_tool(name: &str) -> PathBuf {
 /// Opens the store on `disk` (a guest's store image, QEMU not running) via a copy in `work`.
 /// Panics when the file system or the store cannot be read or opened at all.
 pub fn inspect(disk: &Path, work: &Path, label: &str) -> StoreAfterCut {
-    let copy = work.join(format!("{label}.img"));
-    let status = Command::new("cp")
-        .arg("--sparse=always")
-        .arg(disk)
-        .arg(&copy)
-        .status()
-        .expect("run cp");
-    assert!(status.success(), "copying {} failed", disk.display());
-
-    // Replays the journal only; exit 0 (nothing to do) or 1 (journal replayed) are fine.
-    let out = Command::new(e2fs_tool("e2fsck"))
-        .args(["-y", "-E", "journal_only"])
-        .arg(&copy)
-        .output()
-        .expect("run e2fsck");
-    assert!(
-        matches!(out.status.code(), Some(0) | Some(1)),
-        "e2fsck -E journal_only on the cut disk failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-
-    let redb_file = work.join(format!("{label}.redb"));
-    let out = Command::new(e2fs_tool("debugfs"))
-        .arg("-R")
-        .arg(format!("dump {STORE_FILE_ON_DISK} {}", redb_file.display()))
-        .arg(&copy)
-        .output()
-        .expect("run debugfs");
-    assert!(
-        out.status.success() && redb_file.is_file(),
-        "debugfs could not take {STORE_FILE_ON_DISK} out of the cut disk: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _ = std::fs::remove_file(&copy);
-
-    let repaired = Arc::new(AtomicBool::new(false));
-    let db = redb::Database::builder()
-        .set_repair_callback({
-            let repaired = repaired.clone();
-            move |_| repaired.store(true, Ordering::SeqCst)
-        })
-        .open(&redb_file)
-        .unwrap_or_else(|e| panic!("the store after {label} does not open: {e}"));
-    let txn = db.begin_read().expect("read transaction on the cut store");
-    let outbox_records = match txn.open_table(OUTBOX) {
-        Ok(table) => table.len().expect("outbox length"),
-        Err(redb::TableError::TableDoesNotExist(_)) => 0,
-        Err(e) => panic!("the outbox of the store after {label} cannot be read: {e}"),
-    };
-    drop(txn);
-    drop(db);
-    let _ = std::fs::remove_file(&redb_file);
+    let found = open_store(disk, work, label)
+        .unwrap_or_else(|e| panic!("the store after {label}: {e}"))
+        .unwrap_or_else(|| panic!("the disk after {label} holds no {STORE_DIR_ON_DISK}"));
     StoreAfterCut {
-        repaired: repaired.load(Ordering::SeqCst),
-        outbox_records,
+        corrupt: found.corrupt,
+        torn: found.torn,
+        outbox_records: found.outbox.len() as u64,
     }
+}
+
+/// The store on `disk` as relaybox would find it at its next start: `Ok(None)` when the disk
+/// holds no store directory yet, `Err` when the file system or the store cannot be read (the
+/// store's inspection failing or panicking included). Works on copies in `work`, removed after.
+pub fn open_store(
+    disk: &Path,
+    work: &Path,
+    label: &str,
+) -> Result<Option<relaybox::store::Inspection>, String> {
+    let copy = work.join(format!("{label}.img"));
+    let out_dir = work.join(format!("{label}.store"));
+    let found = (|| {
+        let status = Command::new("cp")
+            .arg("--sparse=always")
+            .arg(disk)
+            .arg(&copy)
+            .status()
+            .map_err(|e| format!("cp: {e}"))?;
+        if !status.success() {
+            return Err(format!("copying {} failed", disk.display()));
+        }
+        // Replays the journal only; exit 0 (nothing to do) or 1 (journal replayed) are fine.
+        let out = Command::new(e2fs_tool("e2fsck"))
+            .args(["-y", "-E", "journal_only"])
+            .arg(&copy)
+            .output()
+            .map_err(|e| format!("e2fsck: {e}"))?;
+        if !matches!(out.status.code(), Some(0) | Some(1)) {
+            return Err(format!(
+                "e2fsck -E journal_only failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        std::fs::create_dir_all(&out_dir).map_err(|e| format!("{}: {e}", out_dir.display()))?;
+        let out = Command::new(e2fs_tool("debugfs"))
+            .arg("-R")
+            .arg(format!("rdump {STORE_DIR_ON_DISK} {}", out_dir.display()))
+            .arg(&copy)
+            .output()
+            .map_err(|e| format!("debugfs: {e}"))?;
+        let data_dir = out_dir.join(STORE_DIR_ON_DISK.trim_start_matches('/'));
+        if !out.status.success() {
+            return Err(format!(
+                "debugfs could not take {STORE_DIR_ON_DISK} out: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        if !data_dir.is_dir() {
+            // debugfs says "File not found" on stderr and exits 0.
+            return Ok(None);
+        }
+        let opened = std::panic::catch_unwind(|| relaybox::store::inspect(&data_dir));
+        match opened {
+            Ok(Ok(found)) => Ok(Some(found)),
+            Ok(Err(e)) => Err(format!("the store does not open: {e}")),
+            Err(panic) => Err(format!(
+                "the store's inspection panicked: {}",
+                panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("(no message)")
+            )),
+        }
+    })();
+    let _ = std::fs::remove_file(&copy);
+    let _ = std::fs::remove_dir_all(&out_dir);
+    found
 }

@@ -3,8 +3,8 @@
 //! It takes the first request, then gathers more until the commit window has passed or the
 //! batch is full, stages the batch's records after the tail and writes them with one `pwrite`
 //! and one `fdatasync`; only then are the waiting tickets resolved. Acknowledgements from the
-//! hub only move the outbox front in memory; the front is written (a [`Kind::Ack`] record) at
-//! most about once a second, riding on a data commit when there is one.
+//! hub only move the outbox front in memory; the front is written (a [`Kind::Ack`] record)
+//! riding on a data commit when it fits in the page written anyway, else at most once a second.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -33,6 +33,8 @@ const AGED_PER_ROUND: usize = 10_000;
 const CURSOR_EVERY: Duration = Duration::from_secs(1);
 /// Spare segments kept for reuse once the backlog has drained.
 pub(super) const RESERVE: usize = 1;
+/// A spare beyond the reserve is deleted once nothing took it for this long.
+const SPARE_IDLE: Duration = Duration::from_secs(10);
 /// The window of the write rate.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 
@@ -43,7 +45,8 @@ type EntryChange = (u8, Vec<u8>, Option<Vec<u8>>, Option<Waiter>);
 /// The segment files: the live ones are in `Files`; spares wait for reuse.
 pub(super) struct Segments {
     pub dir: PathBuf,
-    pub spares: Vec<(PathBuf, File)>,
+    /// Spare files, with when each became one (the newest last).
+    pub spares: Vec<(PathBuf, File, Instant)>,
     pub next_id: u64,
     /// Making a segment writes all of it once: counted with the log's writes.
     pub stats: Arc<super::OutboxStats>,
@@ -70,7 +73,10 @@ impl Segments {
             .map_or(0, |m| m + 1);
         Segments {
             dir,
-            spares: spares.into_iter().map(|f| (f.path, f.file)).collect(),
+            spares: spares
+                .into_iter()
+                .map(|f| (f.path, f.file, Instant::now()))
+                .collect(),
             next_id,
             stats,
         }
@@ -78,8 +84,8 @@ impl Segments {
 
     /// A segment for a new chunk: a spare, or a new zero-filled file.
     pub fn take(&mut self, segment: u64) -> std::io::Result<(PathBuf, File)> {
-        if let Some(spare) = self.spares.pop() {
-            return Ok(spare);
+        if let Some((path, file, _)) = self.spares.pop() {
+            return Ok((path, file));
         }
         self.create(segment)
     }
@@ -96,14 +102,20 @@ impl Segments {
         Ok(made)
     }
 
-    /// Deletes spares beyond the reserve.
+    /// Deletes spares beyond the reserve that nothing took for [`SPARE_IDLE`]: while records
+    /// pour in, the spares a second of acknowledgements frees are reused rather than deleted
+    /// and made again; once a backlog has drained, they go.
     pub fn trim(&mut self) -> std::io::Result<usize> {
         let mut removed = 0;
-        while self.spares.len() > RESERVE {
-            if let Some((path, _)) = self.spares.pop() {
-                std::fs::remove_file(&path)?;
-                removed += 1;
-            }
+        while self.spares.len() > RESERVE
+            && self
+                .spares
+                .first()
+                .is_some_and(|(_, _, since)| since.elapsed() >= SPARE_IDLE)
+        {
+            let (path, _, _) = self.spares.remove(0);
+            std::fs::remove_file(&path)?;
+            removed += 1;
         }
         if removed > 0 {
             log::sync_dir(&self.dir)?;
@@ -191,7 +203,11 @@ impl Inner {
             last_housekeeping: Instant::now() - HOUSEKEEPING_EVERY,
             checkpoint: parts.checkpoint,
             written_cursor: parts.cursor,
-            cursor_written_at: Instant::now(),
+            // The first move of the front is written at once (a short run must not leave
+            // everything to be sent again).
+            cursor_written_at: Instant::now()
+                .checked_sub(CURSOR_EVERY)
+                .unwrap_or_else(Instant::now),
             abandon_chunk: false,
             pending_cursor: None,
             pending_checkpoint: None,
@@ -386,9 +402,19 @@ impl Inner {
     }
 
     /// Stages the front when it moved since it was last written and `every` has passed.
+    ///
+    /// A commit that writes data takes the front along whenever it fits in the page that commit
+    /// writes anyway (it costs no page then), so a killed relay sends little again.
     fn stage_cursor_if_moved(&mut self, every: Duration) -> Result<(), String> {
         let first_seq = self.front().cursor.first_seq;
-        if first_seq == self.written_cursor.first_seq || self.cursor_written_at.elapsed() < every {
+        if first_seq == self.written_cursor.first_seq {
+            return Ok(());
+        }
+        let in_page = self.writer.next_position() % format::PAGE;
+        let free = self.writer.has_staged()
+            && in_page != 0
+            && in_page + format::record_len(40) + format::HEADER as u64 <= format::PAGE;
+        if !free && self.cursor_written_at.elapsed() < every {
             return Ok(());
         }
         let cursor = self.cursor_now();
@@ -495,7 +521,7 @@ impl Inner {
                 entry_changes.push(((space, key), position, value_len));
                 entry_waiters.push(done);
             }
-            // The front rides along with data, at most once a second.
+            // The front rides along with data: when it costs no page, or once a second.
             if self.writer.has_staged() {
                 self.stage_cursor_if_moved(CURSOR_EVERY)?;
             }
@@ -668,11 +694,18 @@ impl Inner {
         }
         for chunk in dead {
             match chunk.file.try_clone() {
-                Ok(file) => self.segments.spares.push((chunk.path, file)),
+                Ok(file) => self
+                    .segments
+                    .spares
+                    .push((chunk.path, file, Instant::now())),
                 Err(error) => tracing::warn!(%error, "reopening a dead segment failed"),
             }
             self.shared.stats.recycled.fetch_add(1, Ordering::Relaxed);
         }
+        self.trim();
+    }
+
+    fn trim(&mut self) {
         match self.segments.trim() {
             Ok(n) if n > 0 => tracing::debug!(removed = n, "spare segments deleted"),
             Ok(_) => {}
@@ -712,11 +745,11 @@ impl Inner {
         let growing = std::mem::replace(&mut self.appended_seen, appended) != appended;
         if growing && self.segments.spares.is_empty() && used > segment / 2 {
             match self.segments.create(segment) {
-                Ok(spare) => self.segments.spares.push(spare),
+                Ok((path, file)) => self.segments.spares.push((path, file, Instant::now())),
                 Err(error) => tracing::warn!(%error, "making a spare segment failed"),
             }
         }
-        self.show_segments();
+        self.trim();
         self.show_front();
         self.show_rate();
         let oldest = self.oldest_accepted().unwrap_or(0);

@@ -22,9 +22,10 @@
 //!   [`OutboxRecord`]. Sequences only grow (also across a drained outbox and restarts), so
 //!   `Nats-Msg-Id: <relay>-<epoch>-<seq>` never names two messages.
 //! - `Ack`: the outbox front (every record before it is acknowledged or dropped), written
-//!   lazily: riding on a data commit at most once a second, or alone once a second while
-//!   draining. After a power cut the hub may get up to a second of acknowledged records again;
-//!   it drops them by `Nats-Msg-Id`.
+//!   lazily: riding on a data commit when it fits in the page that commit writes anyway (or
+//!   once a second when it does not), alone once a second while draining. After a power cut
+//!   the hub may get up to a second of acknowledged records again; it drops them by
+//!   `Nats-Msg-Id`.
 //! - `Set` / `Remove`: a keyed entry `(space, key) → value`. Spaces: [`RETAINED`] (topic →
 //!   prost `OutboxRecord`); [`SESSION`], [`SUBSCRIPTION`], [`QUEUED`] and [`INFLIGHT`] are the
 //!   broker's persistent sessions (client → session state; client + filter → options; client +
@@ -43,10 +44,11 @@
 //!   bound (`drop-oldest`), or by age (`max_age`), each counted.
 //! - The outbox never holds more than `max_bytes` (each record counts its encoding + 8 bytes).
 //!   Keyed entries have their own bound (`max_retained_bytes` for retained messages).
-//! - Space: a chunk before both the written outbox front and the checkpoint the newest chunk
-//!   names holds nothing live; its file becomes a spare, reused by the next chunk. Spares
-//!   beyond [`committer::RESERVE`] are deleted, so after a backlog drained the files shrink to
-//!   the live chunk and one spare. No compaction, no rewrite of live outbox data.
+//! - Space: a chunk before both the written outbox front and the last durable checkpoint holds
+//!   nothing live; its file becomes a spare, reused by the next chunk. Spares beyond
+//!   [`committer::RESERVE`] that nothing took for 10 s are deleted, so after a backlog drained
+//!   the files shrink to the live chunk and one spare. No compaction, no rewrite of live
+//!   outbox data.
 //! - A failed commit (I/O error) fails the waiting tickets; the rest of that chunk is left
 //!   alone and the log goes on in the next one. Segments are made ahead of need, so a full
 //!   file system stops growth, not commits into existing segments.

@@ -101,6 +101,23 @@ pub async fn admin_status(port: u16) -> serde_json::Value {
     serde_json::from_str(&admin_get(port, "/status").await).expect("status is JSON")
 }
 
+/// Waits until the relay's outbox is empty (the hub acknowledged everything it accepted) and
+/// returns that `/status`; panics with the last status after `timeout`.
+pub async fn wait_outbox_empty(admin_port: u16, timeout: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let status = admin_status(admin_port).await;
+        if status["outbox"]["messages"] == 0 {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the outbox is not empty after {timeout:?}: {status:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// True when something accepts TCP connections on 127.0.0.1:`port`.
 pub fn port_open(port: u16) -> bool {
     TcpStream::connect_timeout(
@@ -468,6 +485,20 @@ pub async fn read_stream(url: &str, stream: &str, timeout: Duration) -> Vec<HubM
         });
     }
     out
+}
+
+/// How long `stream` remembers a `Nats-Msg-Id` to drop a message sent again with it.
+pub async fn stream_duplicate_window(url: &str, stream: &str) -> Duration {
+    let js = jetstream::new(connect(url).await);
+    let mut s = tokio::time::timeout(Duration::from_secs(5), js.get_stream(stream))
+        .await
+        .expect("stream lookup in time")
+        .unwrap_or_else(|e| panic!("stream {stream} on {url}: {e}"));
+    let info = tokio::time::timeout(Duration::from_secs(5), s.info())
+        .await
+        .expect("stream info in time")
+        .unwrap_or_else(|e| panic!("info of stream {stream}: {e}"));
+    info.config.duplicate_window
 }
 
 /// Info on every consumer of `stream`: (name, delivered stream seq, ack floor stream seq).

@@ -54,7 +54,8 @@
 //! ## The points
 //!
 //! On one fresh set of servers per system: idle peak RSS (VmHWM, after start and one warm-up
-//! message), then for 64- and 1024-byte payloads the paced points 100, 1,000 and 10,000 msg/s
+//! message), an uncounted flat-out run of `FLASH_BENCH_WARMUP` 64-byte messages (a box in
+//! service has made its files: relaybox its segments, the leaf its stream blocks), then for 64- and 1024-byte payloads the paced points 100, 1,000 and 10,000 msg/s
 //! (one publisher per started 1,000 msg/s) and flat out with 4 publishers. A point publishes QoS 1
 //! for `FLASH_BENCH_SECONDS` (paced: at most rate × seconds messages; flat out: at most
 //! `FLASH_BENCH_LOAD_MESSAGES`), waits for every PUBACK and for every message to be stored (the
@@ -87,7 +88,8 @@
 //! FLASH_BENCH_STALL          abort when nothing is PUBACKed or stored for this long (default 20 s)
 //! FLASH_BENCH_SYSTEMS        comma list of floor,relaybox,relaybox50,leaf-always,leaf (all)
 //! FLASH_BENCH_LOAD_MESSAGES  cap of a flat-out point (default 50000)
-//! FLASH_BENCH_BACKLOG        records of the backlog drain (default 20000)
+//! FLASH_BENCH_BACKLOG        records of the backlog drain (default 100000)
+//! FLASH_BENCH_WARMUP         messages of the uncounted flat-out run before the points (50000)
 //! FLASH_BENCH_DISK_MIB       size of each loop device (default 1024)
 //! BENCH_RELAYBOX, BENCH_NATS_SERVER, BENCH_TMPDIR, BENCH_RELAYBOX_LOG as in mqtt_to_hub.
 //! ```
@@ -225,6 +227,7 @@ struct Settings {
     systems: Vec<System>,
     load_messages: usize,
     backlog: usize,
+    warmup: usize,
     disk_bytes: u64,
     programs: Programs,
 }
@@ -273,7 +276,8 @@ impl Settings {
             stall: Duration::from_secs_f64(num("FLASH_BENCH_STALL", 20.0)?),
             systems,
             load_messages: num("FLASH_BENCH_LOAD_MESSAGES", 50_000.0)? as usize,
-            backlog: num("FLASH_BENCH_BACKLOG", 20_000.0)? as usize,
+            backlog: num("FLASH_BENCH_BACKLOG", 100_000.0)? as usize,
+            warmup: num("FLASH_BENCH_WARMUP", 50_000.0)? as usize,
             disk_bytes: (num("FLASH_BENCH_DISK_MIB", 1024.0)? * 1024.0 * 1024.0) as u64,
             programs: Programs::from_env(),
         })
@@ -1292,6 +1296,17 @@ async fn run_servers(system: System, s: &Settings) -> Result<SystemResult, Strin
             ..Default::default()
         };
         println!("   idle peak RSS {:.1} MiB", r.idle_rss_mib.unwrap_or(0.0));
+        if s.warmup > 0 {
+            // A box in service has made its files (relaybox its segments, the leaf its stream
+            // blocks): one flat-out run first, not counted.
+            let point = Point::flat_out(64, s.warmup, s.publishing());
+            let o = measure(&mut rig, &point, s).await.context("warm-up")?;
+            println!(
+                "   warm-up (not counted): {} messages, {} B/message at the device",
+                o.messages,
+                thousands(o.bytes_per_msg())
+            );
+        }
         for payload in PAYLOADS {
             let points = RATES
                 .iter()

@@ -268,6 +268,10 @@ async fn uart_frames_reach_the_hub() {
         common::tail(&guest.console(), 30)
     );
 
+    // Frames the relay accepts before its hub link is up are backlog, and live ones may go
+    // ahead of them: write once the link is up (the relay has made its stream by then).
+    wait_stream_exists(&hub.url(), STREAM, Duration::from_secs(30)).await;
+
     // The sensor: line frames written into QEMU's socket end of the guest's PL011.
     let mut uart = tokio::net::UnixStream::connect(&socket)
         .await

@@ -448,6 +448,17 @@ impl Inner {
             batch.appends.into_iter().unzip();
         let mut results: Vec<Result<u64, StoreError>> = Vec::with_capacity(encoded.len());
         self.batch.clear();
+        // What the batch will take in the log, to start it on a fresh page when that saves one.
+        let batch_bytes: u64 = encoded
+            .iter()
+            .map(|e| format::record_len(16 + e.len()))
+            .chain(batch.entries.iter().map(|(_, k, v, _)| {
+                format::record_len(9 + k.len() + v.as_ref().map_or(0, |v| v.len()))
+            }))
+            .sum();
+        if batch_bytes > 0 && !self.abandon_chunk {
+            self.writer.fresh_page_if_cheaper(batch_bytes);
+        }
         let mut dropped = 0u64;
         // Records of this batch dropped again for the bound (when it is smaller than what
         // one batch brings).

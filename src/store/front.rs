@@ -56,7 +56,10 @@ impl Front {
     }
 
     pub fn records(&self) -> u64 {
-        self.cursor.next_seq.saturating_sub(self.cursor.first_seq) - self.deleted.len() as u64
+        self.cursor
+            .next_seq
+            .saturating_sub(self.cursor.first_seq)
+            .saturating_sub(self.deleted.len() as u64)
     }
 
     pub fn bytes(&self) -> u64 {

@@ -450,6 +450,25 @@ impl Writer {
         self.file.clone()
     }
 
+    /// Before staging about `batch` bytes: when they would not fit in what is left of the tail
+    /// page and starting on a fresh page writes fewer pages, fills the rest of the tail page
+    /// with a [`Kind::Pad`] record (the page is written anyway; the next one is not).
+    pub fn fresh_page_if_cheaper(&mut self, batch: u64) {
+        let position = self.next_position();
+        let in_page = position % PAGE;
+        let room = PAGE - in_page;
+        if in_page == 0 || batch + HEADER as u64 <= room || room < HEADER as u64 {
+            return;
+        }
+        let from_tail = (in_page + batch).div_ceil(PAGE);
+        let fresh = batch.div_ceil(PAGE);
+        let chunk_end = (self.chunk + 1) * self.files.segment_bytes;
+        if fresh < from_tail && position + room + batch + HEADER as u64 <= chunk_end {
+            let body = vec![0u8; (room - HEADER as u64) as usize];
+            self.stage(Kind::Pad, &body);
+        }
+    }
+
     pub fn has_staged(&self) -> bool {
         !self.staged.is_empty()
     }

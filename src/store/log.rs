@@ -236,7 +236,12 @@ fn scan_chunk(
             },
             Look::Nothing => match find_next(file, base, off + format::ALIGN, end, segment)? {
                 Some(p) => {
-                    report.corrupt += 1;
+                    // Zeros to the end of the page and a record at the next one: a commit that
+                    // started on a fresh page. Anything else passed over is damage.
+                    let next_page = (off / PAGE + 1) * PAGE;
+                    if p != next_page || !tail_is_clean(file, off, end)? {
+                        report.corrupt += 1;
+                    }
                     off = p;
                 }
                 None => {
@@ -451,21 +456,23 @@ impl Writer {
     }
 
     /// Before staging about `batch` bytes: when they would not fit in what is left of the tail
-    /// page and starting on a fresh page writes fewer pages, fills the rest of the tail page
-    /// with a [`Kind::Pad`] record (the page is written anyway; the next one is not).
+    /// page and starting on the next page writes fewer pages, the tail moves to the next page
+    /// without writing anything. The rest of the old tail page holds the zeros the last commit
+    /// wrote there; readers take zeros up to a page's end followed by a record at the next page
+    /// as a skip.
     pub fn fresh_page_if_cheaper(&mut self, batch: u64) {
         let position = self.next_position();
         let in_page = position % PAGE;
-        let room = PAGE - in_page;
-        if in_page == 0 || batch + HEADER as u64 <= room || room < HEADER as u64 {
+        if in_page == 0 || !self.staged.is_empty() || batch + HEADER as u64 <= PAGE - in_page {
             return;
         }
         let from_tail = (in_page + batch).div_ceil(PAGE);
         let fresh = batch.div_ceil(PAGE);
+        let next_page = position - in_page + PAGE;
         let chunk_end = (self.chunk + 1) * self.files.segment_bytes;
-        if fresh < from_tail && position + room + batch + HEADER as u64 <= chunk_end {
-            let body = vec![0u8; (room - HEADER as u64) as usize];
-            self.stage(Kind::Pad, &body);
+        if fresh < from_tail && next_page + batch + HEADER as u64 <= chunk_end {
+            self.tail = next_page;
+            self.page.clear();
         }
     }
 

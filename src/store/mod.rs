@@ -39,7 +39,10 @@
 //! # Promises
 //! - A commit is one `pwrite` of the tail page(s) and one `fdatasync`; a [`Ticket`] resolves
 //!   only after it returned. One commit takes everything that arrived within the commit window
-//!   (group commit). A commit that reaches the end of a chunk is cut in two there.
+//!   (group commit). A batch that would spill past the tail page starts on the next page when
+//!   that writes fewer pages (the rest of the old page holds zeros the last commit wrote;
+//!   readers take zeros to a page's end followed by a record at the next page as a skip). A
+//!   commit that reaches the end of a chunk is cut in two there.
 //! - A record leaves the outbox only by [`Store::delete`] (the hub acknowledged it), by the
 //!   bound (`drop-oldest`), or by age (`max_age`), each counted.
 //! - The outbox never holds more than `max_bytes` (each record counts its encoding + 8 bytes).

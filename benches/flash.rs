@@ -669,6 +669,10 @@ struct Outcome {
     disk: DiskDelta,
     /// Commits in the point, per [`Commits`]; `None` where the system has none.
     commits: Option<f64>,
+    /// relaybox: the pages the floor writes for the same commits (each commit's bytes in whole
+    /// pages); the floor per commit is the floor's bytes per one-page commit times this over
+    /// the commits.
+    floor_pages: Option<f64>,
     /// `/proc/PID/io` `write_bytes` of the system's process per message.
     proc_bytes_per_msg: f64,
     /// ... and its `cancelled_write_bytes` (dirty pages truncated before writeback).
@@ -682,6 +686,14 @@ impl Outcome {
 
     fn per_commit(&self, x: u64) -> Option<f64> {
         self.commits.filter(|c| *c > 0.0).map(|c| x as f64 / c)
+    }
+
+    /// Pages the floor needs per commit for this outcome's commits (1 where unknown).
+    fn floor_pages_per_commit(&self) -> f64 {
+        self.floor_pages
+            .zip(self.commits)
+            .filter(|(_, c)| *c > 0.0)
+            .map_or(1.0, |(p, c)| (p / c).max(1.0))
     }
 
     fn bytes_per_msg(&self) -> f64 {
@@ -1027,6 +1039,9 @@ async fn measure(rig: &mut Rig, point: &Point, s: &Settings) -> Result<Outcome> 
             Commits::PerMessage => Some(n),
             Commits::None => None,
         },
+        floor_pages: counters_after
+            .zip(counters_before)
+            .map(|(a, b)| a.floor_pages - b.floor_pages),
         proc_bytes_per_msg: io_after.written_per_msg(&io_before, n),
         proc_cancelled_per_msg: io_after.cancelled_per_msg(&io_before, n),
     })
@@ -1044,6 +1059,8 @@ async fn stream_messages(js: &jetstream::Context, name: &str) -> Result<u64> {
 #[derive(Debug, Clone, Copy)]
 struct Counters {
     commits: f64,
+    /// `relaybox_store_floor_pages_total`: each commit's bytes in whole pages.
+    floor_pages: f64,
 }
 
 /// relaybox's commit counter from its admin `/metrics`; `None` for the other systems.
@@ -1054,7 +1071,12 @@ async fn relaybox_counters(rig: &Rig) -> Result<Option<Counters>> {
     let body = fetch_metrics(rig.ports.sut).await?;
     let name = "relaybox_outbox_commits_total";
     let commits = metric(&body, name).ok_or_else(|| anyhow!("/metrics has no {name}"))?;
-    Ok(Some(Counters { commits }))
+    let name = "relaybox_store_floor_pages_total";
+    let floor_pages = metric(&body, name).ok_or_else(|| anyhow!("/metrics has no {name}"))?;
+    Ok(Some(Counters {
+        commits,
+        floor_pages,
+    }))
 }
 
 /// The records in relaybox's outbox (`relaybox_outbox_messages`).
@@ -1075,6 +1097,11 @@ struct Drain {
     /// From the hub's restart until the outbox is empty, plus [`SETTLE`].
     drain: Outcome,
     drain_seconds: f64,
+    /// After the drain, until the spares beyond the reserve are deleted: what that wrote, how
+    /// long it took to come, and the store's files after it (bytes).
+    shrink: DiskDelta,
+    shrink_seconds: f64,
+    files_after: f64,
 }
 
 async fn backlog_drain(rig: &mut Rig, s: &Settings) -> Result<Drain> {
@@ -1115,6 +1142,23 @@ async fn backlog_drain(rig: &mut Rig, s: &Settings) -> Result<Drain> {
     rig.servers.ensure_running()?;
     let disk = rig.disk.synced_stat()?.since(&disk_before);
     let after = relaybox_counters(rig).await?;
+
+    // The store lets its spare segments beyond one go once the outbox has been empty for 10 s.
+    let shrink_before = rig.disk.synced_stat()?;
+    let shrink_started = Instant::now();
+    let spares = |body: &str| metric(body, "relaybox_store_segments{state=\"spare\"}");
+    let mut files_after = 0.0;
+    while shrink_started.elapsed() < Duration::from_secs(60) {
+        let body = fetch_metrics(admin).await?;
+        files_after = metric(&body, "relaybox_store_file_bytes").unwrap_or(0.0);
+        if spares(&body).is_some_and(|n| n <= 1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let shrink_seconds = shrink_started.elapsed().as_secs_f64();
+    tokio::time::sleep(SETTLE).await;
+    let shrink = rig.disk.synced_stat()?.since(&shrink_before);
     Ok(Drain {
         append,
         drain: Outcome {
@@ -1125,6 +1169,9 @@ async fn backlog_drain(rig: &mut Rig, s: &Settings) -> Result<Drain> {
             ..Outcome::default()
         },
         drain_seconds,
+        shrink,
+        shrink_seconds,
+        files_after,
     })
 }
 
@@ -1180,6 +1227,7 @@ fn floor_point(
         ack_p99_ms: percentile_ms(&latencies, 0.99),
         disk,
         commits: Some(n),
+        floor_pages: Some(n),
         proc_bytes_per_msg: io_after.written_per_msg(&io_before, n),
         proc_cancelled_per_msg: io_after.cancelled_per_msg(&io_before, n),
     })
@@ -1481,7 +1529,7 @@ fn commit_targets(o: &Outcome, f: Option<&Outcome>) -> (Option<bool>, Option<boo
     let bytes = o
         .bytes_per_commit()
         .zip(f.bytes_per_commit())
-        .map(|(a, b)| a <= FLOOR_FACTOR * b);
+        .map(|(a, b)| a <= FLOOR_FACTOR * b * o.floor_pages_per_commit());
     let near =
         |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (a - b).abs() <= REQUEST_TOLERANCE);
     let requests = near(o.writes_per_commit(), f.writes_per_commit())
@@ -1520,7 +1568,9 @@ fn report(results: &[(System, SystemResult)]) -> String {
     let _ = writeln!(
         out,
         "\n## Bytes at the block device (sectors written x 512), write requests and flushes\n\n\
-         Targets: (a) B/commit <= {FLOOR_FACTOR}x the floor's; (b) write requests and flushes per \
+         Targets: (a) B/commit <= {FLOOR_FACTOR}x the floor's for commits of the same size (the \
+         floor's one-page commit x relaybox's relaybox_store_floor_pages_total per commit: each \
+         commit's bytes in whole pages; 1 page for the leaf); (b) write requests and flushes per \
          commit within {REQUEST_TOLERANCE} of the floor's (one data write and one flush); (c) flat \
          out: B/msg <= {RECORD_FACTOR}x the record. Commits: relaybox's \
          relaybox_outbox_commits_total; one per message for the leaf with sync_interval always; \
@@ -1570,7 +1620,7 @@ fn report(results: &[(System, SystemResult)]) -> String {
                 let ratio = o
                     .bytes_per_commit()
                     .zip(floor_at.and_then(Outcome::bytes_per_commit))
-                    .map(|(x, f)| x / f);
+                    .map(|(x, f)| x / (f * o.floor_pages_per_commit()));
                 let _ = writeln!(
                     out,
                     "| {} | {} | {} | {:.2}/{:.2} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -1605,21 +1655,22 @@ fn report(results: &[(System, SystemResult)]) -> String {
             "\n### Backlog drain: records of {BACKLOG_PAYLOAD} B appended with the hub stopped, \
              then drained (target (d): <= {DRAIN_BYTES_PER_RECORD} B written per record)\n\n\
              | system | records | append B/record | append commits | drain s | drain B/record | \
-             drain writes | drain flushes | drain commits | (d) |\n\
-             |---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"
+             drain writes | drain flushes | drain commits | (d) | then the shrink: B written, \
+             after s, files after |\n\
+             |---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|---:|"
         );
         for (i, sys, d) in drains {
             let ok = Some(d.drain.bytes_per_msg() <= DRAIN_BYTES_PER_RECORD);
             tallies[i].add(ok);
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {:.1} | {:.2} | {} | {} | {} | {} | {}, {:.0} s, {} |",
                 sys.short(),
                 thousands(d.drain.messages as f64),
                 thousands(d.append.bytes_per_msg()),
                 opt(d.append.commits, thousands),
                 d.drain_seconds,
-                thousands(d.drain.bytes_per_msg()),
+                d.drain.bytes_per_msg(),
                 thousands(d.drain.disk.writes as f64),
                 d.drain
                     .disk
@@ -1627,6 +1678,9 @@ fn report(results: &[(System, SystemResult)]) -> String {
                     .map_or("?".into(), |f| thousands(f as f64)),
                 opt(d.drain.commits, thousands),
                 mark(ok),
+                thousands(d.shrink.bytes as f64),
+                d.shrink_seconds,
+                thousands(d.files_after),
             );
         }
     }

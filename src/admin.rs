@@ -169,6 +169,8 @@ pub struct FlashStatus {
     pub store_writes: u64,
     #[serde(default)]
     pub store_flushes: u64,
+    #[serde(default)]
+    pub floor_pages: u64,
     /// `store_bytes_written` per commit.
     #[serde(default)]
     pub bytes_per_commit: f64,
@@ -311,6 +313,7 @@ impl Sources {
                 store_bytes_written: load(&o.bytes_written),
                 store_writes: load(&o.writes),
                 store_flushes: load(&o.flushes),
+                floor_pages: load(&o.floor_pages),
                 bytes_per_commit: match load(&o.commits) {
                     0 => 0.0,
                     n => load(&o.bytes_written) as f64 / n as f64,
@@ -547,6 +550,12 @@ pub fn metrics(s: &Status) -> String {
         "gauge",
         "The store's write rate over the last minute, as bytes per day.",
         &[("", f(s.flash.bytes_per_day))],
+    );
+    metric(
+        "store_floor_pages_total",
+        "counter",
+        "Pages the physical floor would write for the same commits (each commit's bytes in whole pages).",
+        &[("", f(s.flash.floor_pages))],
     );
     metric(
         "store_torn_total",

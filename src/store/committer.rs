@@ -152,6 +152,8 @@ pub(super) struct Inner {
     batch: Vec<Entry>,
     /// Records appended as of the last housekeeping round.
     appended_seen: u64,
+    /// Since when nothing has been live in the outbox.
+    empty_since: Option<Instant>,
     /// (when, bytes written) once a housekeeping round, for the write rate.
     rate: std::collections::VecDeque<(Instant, u64)>,
 }
@@ -214,6 +216,7 @@ impl Inner {
             in_checkpoint: false,
             batch: Vec::new(),
             appended_seen: 0,
+            empty_since: None,
             rate: std::collections::VecDeque::new(),
         }
     }
@@ -716,7 +719,21 @@ impl Inner {
         self.trim();
     }
 
+    /// Spares are deleted once the backlog has drained (nothing live in the outbox for
+    /// [`SPARE_IDLE`]), not while it drains.
     fn trim(&mut self) {
+        if self.front().records() > 0 {
+            self.empty_since = None;
+        } else if self.empty_since.is_none() {
+            self.empty_since = Some(Instant::now());
+        }
+        if self
+            .empty_since
+            .is_none_or(|since| since.elapsed() < SPARE_IDLE)
+        {
+            self.show_segments();
+            return;
+        }
         match self.segments.trim() {
             Ok(n) if n > 0 => tracing::debug!(removed = n, "spare segments deleted"),
             Ok(_) => {}

@@ -501,6 +501,9 @@ impl Writer {
         if self.staged.is_empty() {
             return Ok(());
         }
+        // The least any store writes for these bytes: whole pages from where they start.
+        let least = (self.next_position() - self.tail).div_ceil(PAGE);
+        self.stats.floor_pages.fetch_add(least, Ordering::Relaxed);
         // A commit never ends on a page boundary: the bytes after the last record are then
         // always zeros this commit wrote, and anything else there is a torn write.
         let chunk_end = (self.chunk + 1) * self.files.segment_bytes;

@@ -164,6 +164,9 @@ pub struct OutboxStats {
     pub bytes_written: AtomicU64,
     pub writes: AtomicU64,
     pub flushes: AtomicU64,
+    /// The pages the physical floor would write for the same commits: each commit's new bytes
+    /// rounded up to whole pages (what any store durable per commit writes at least).
+    pub floor_pages: AtomicU64,
     /// The store's write rate over the last minute, as bytes per day.
     pub write_rate_per_day: AtomicU64,
     /// How long the last open took, and how many bytes of log it read.

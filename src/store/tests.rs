@@ -617,9 +617,17 @@ async fn a_commit_writes_one_page_and_flushes_once() {
     let bytes = load(&stats.bytes_written) - b0;
     assert_eq!(load(&stats.writes) - w0, commits, "one write per commit");
     assert_eq!(load(&stats.flushes) - f0, commits, "one flush per commit");
-    assert_eq!(bytes, commits * 4096, "one page per commit ({commits} commits)");
+    assert_eq!(
+        bytes,
+        commits * 4096,
+        "one page per commit ({commits} commits)"
+    );
     let got = s.store.read_after(0, 10_000).await.expect("read");
-    assert_eq!(got.len(), 2900, "every record reads back across the skipped page ends");
+    assert_eq!(
+        got.len(),
+        2900,
+        "every record reads back across the skipped page ends"
+    );
     let stats = s.close();
     assert_eq!(stats.corrupt.load(Ordering::Relaxed), 0);
     let seen = inspect(dir.path()).expect("inspect");

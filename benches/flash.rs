@@ -54,7 +54,7 @@
 //! ## The points
 //!
 //! On one fresh set of servers per system: idle peak RSS (VmHWM, after start and one warm-up
-//! message), an uncounted flat-out run of `FLASH_BENCH_WARMUP` 64-byte messages (a box in
+//! message), an uncounted flat-out run of `FLASH_BENCH_WARMUP` 1024-byte messages (a box in
 //! service has made its files: relaybox its segments, the leaf its stream blocks), then for 64- and 1024-byte payloads the paced points 100, 1,000 and 10,000 msg/s
 //! (one publisher per started 1,000 msg/s) and flat out with 4 publishers. A point publishes QoS 1
 //! for `FLASH_BENCH_SECONDS` (paced: at most rate × seconds messages; flat out: at most
@@ -1143,12 +1143,13 @@ async fn backlog_drain(rig: &mut Rig, s: &Settings) -> Result<Drain> {
     let disk = rig.disk.synced_stat()?.since(&disk_before);
     let after = relaybox_counters(rig).await?;
 
-    // The store lets its spare segments beyond one go once the outbox has been empty for 10 s.
+    // The store lets its spare segments beyond one go once the outbox has been empty for a
+    // minute.
     let shrink_before = rig.disk.synced_stat()?;
     let shrink_started = Instant::now();
     let spares = |body: &str| metric(body, "relaybox_store_segments{state=\"spare\"}");
     let mut files_after = 0.0;
-    while shrink_started.elapsed() < Duration::from_secs(60) {
+    while shrink_started.elapsed() < Duration::from_secs(120) {
         let body = fetch_metrics(admin).await?;
         files_after = metric(&body, "relaybox_store_file_bytes").unwrap_or(0.0);
         if spares(&body).is_some_and(|n| n <= 1.0) {
@@ -1347,7 +1348,7 @@ async fn run_servers(system: System, s: &Settings) -> Result<SystemResult, Strin
         if s.warmup > 0 {
             // A box in service has made its files (relaybox its segments, the leaf its stream
             // blocks): one flat-out run first, not counted.
-            let point = Point::flat_out(64, s.warmup, s.publishing());
+            let point = Point::flat_out(1024, s.warmup, s.publishing());
             let o = measure(&mut rig, &point, s).await.context("warm-up")?;
             println!(
                 "   warm-up (not counted): {} messages, {} B/message at the device",

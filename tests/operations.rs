@@ -551,8 +551,9 @@ async fn the_store_files_shrink_to_the_reserve_after_a_drained_backlog() {
         5_000
     );
     let mut after = peak;
-    // Spares beyond the reserve go once nothing took them for 10 s.
-    for _ in 0..100 {
+    // Spares beyond the reserve go once the outbox has been empty, and nothing took them, for
+    // a minute.
+    for _ in 0..400 {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let s = admin_status(admin).await;
         after = s["outbox"]["file_bytes"].as_u64().unwrap();

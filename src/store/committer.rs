@@ -33,8 +33,10 @@ const AGED_PER_ROUND: usize = 10_000;
 const CURSOR_EVERY: Duration = Duration::from_secs(1);
 /// Spare segments kept for reuse once the backlog has drained.
 pub(super) const RESERVE: usize = 1;
-/// A spare beyond the reserve is deleted once nothing took it for this long.
-const SPARE_IDLE: Duration = Duration::from_secs(10);
+/// A spare beyond the reserve is deleted once nothing took it, and the outbox has been empty,
+/// for this long: bursts a minute apart keep the segments they need (making one again costs a
+/// segment's worth of writes).
+pub(super) const SPARE_IDLE: Duration = Duration::from_secs(60);
 /// The window of the write rate.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 

@@ -49,9 +49,9 @@
 //!   Keyed entries have their own bound (`max_retained_bytes` for retained messages).
 //! - Space: a chunk before both the written outbox front and the last durable checkpoint holds
 //!   nothing live; its file becomes a spare, reused by the next chunk. Spares beyond
-//!   [`committer::RESERVE`] that nothing took for 10 s are deleted, so after a backlog drained
-//!   the files shrink to the live chunk and one spare. No compaction, no rewrite of live
-//!   outbox data.
+//!   [`committer::RESERVE`] are deleted once the backlog has drained (the outbox empty and the
+//!   spare untaken for a minute), so the files shrink to the live chunk and one spare. No
+//!   compaction, no rewrite of live outbox data.
 //! - A failed commit (I/O error) fails the waiting tickets; the rest of that chunk is left
 //!   alone and the log goes on in the next one. Segments are made ahead of need, so a full
 //!   file system stops growth, not commits into existing segments.

@@ -138,7 +138,8 @@ async fn a_drained_backlog_gives_its_segments_back() {
     assert!(full >= 30, "2 MB of records in 64 KiB segments: {full}");
     s.store.delete((1..=2000).collect()).expect("delete");
     // The front is written within a second or so; then the dead segments go.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline =
+        std::time::Instant::now() + committer::SPARE_IDLE + std::time::Duration::from_secs(30);
     while segs(dir.path()) > 1 + committer::RESERVE && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
@@ -520,7 +521,8 @@ async fn a_million_record_backlog_opens_in_bounded_time_and_drains_to_the_reserv
             .expect("delete");
     }
     assert_eq!(after, N, "every record read back");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline =
+        std::time::Instant::now() + committer::SPARE_IDLE + std::time::Duration::from_secs(30);
     while (stats.records.load(Ordering::Relaxed) > 0
         || stats.segments.load(Ordering::Relaxed) + stats.spare_segments.load(Ordering::Relaxed)
             > 1 + committer::RESERVE as u64)

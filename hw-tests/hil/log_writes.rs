@@ -330,7 +330,7 @@ pub struct Report {
     pub marks: usize,
     pub marks_checked: usize,
     /// Checked marks some of whose messages the state checked before theirs lacked: with every
-    /// state checked, marks that a relay skipping its last flush would fail.
+    /// state checked, marks that a relay leaving out its last flush would fail.
     pub tight_marks: usize,
     /// Checked states at which the store reported a torn tail, and the most it passed over.
     pub torn_states: usize,
@@ -723,7 +723,7 @@ async fn log_writes_replay_keeps_every_acknowledged_record() {
         "every ack mark checked (the state budget must cover them)"
     );
     // The test's own power: most marks must come right after the flush that made their
-    // messages durable, or a relay skipping that flush could pass.
+    // messages durable, or a relay leaving out that flush could pass.
     assert!(
         report.tight_marks * 2 >= report.marks,
         "only {} of {} marks come right after the flush of their messages",

@@ -153,7 +153,8 @@ fn default_admin_listen() -> SocketAddr {
 }
 
 /// One `[[acl]]` rule: for `user` (a name, or `*` for every client) or `group`, the topic
-/// filters it may publish to and subscribe to; `%u` is the user name, `%c` the client id.
+/// filters it may publish to and subscribe to, and those it may not (`deny`, which wins over
+/// any rule's allows); `%u` is the user name, `%c` the client id.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AclRule {
@@ -163,6 +164,8 @@ pub struct AclRule {
     pub publish: Vec<String>,
     #[serde(default, deserialize_with = "acl_filters")]
     pub subscribe: Vec<String>,
+    #[serde(default, deserialize_with = "acl_filters")]
+    pub deny: Vec<String>,
 }
 
 /// A secret from the config (password, token): never shown in logs, errors or output.

@@ -2158,3 +2158,126 @@ async fn secrets_never_appear_in_logs_or_check_config_output() {
         "{stderr}"
     );
 }
+
+/// `deny` wins over allows, for two client libraries: rumqttc (MQTT 5) and libmosquitto's
+/// command-line clients (MQTT 3.1.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_rules_win_over_allows_for_publishes_and_subscriptions() {
+    let cfg = RelayConfig::new("sec-acl-deny").no_anonymous();
+    let extra = acl("ann", &["home/#"], &["home/#", "home/+"])
+        + "deny = [\"home/safe/#\"]\n"
+        + &acl("watch", &[], &["#"]);
+    let relay = relay_with_users(cfg, &extra, &[("ann", "a-pw"), ("watch", "w-pw")]).await;
+    let port = relay.port();
+
+    // A watcher sees what gets through.
+    let mut watch_opts = V5::options("deny-watch", "127.0.0.1", port);
+    watch_opts.set_credentials("watch", "w-pw");
+    let mut watch = V5::connect(watch_opts).await.expect("watcher connects");
+    assert!(matches!(
+        watch.subscribe("home/#").await,
+        V5SubCode::Success(_)
+    ));
+
+    let mut opts = V5::options("deny-ann", "127.0.0.1", port);
+    opts.set_credentials("ann", "a-pw");
+    let mut ann = V5::connect(opts).await.expect("ann connects");
+    assert_eq!(
+        ann.publish("home/safe/code", b"1234").await,
+        PubAckReason::NotAuthorized,
+        "publish to a denied topic"
+    );
+    assert_eq!(
+        ann.publish("home/lights", b"on").await,
+        PubAckReason::Success
+    );
+    // A filter that could receive a denied topic is refused whole; one that cannot is granted.
+    assert_eq!(ann.subscribe("home/#").await, V5SubCode::NotAuthorized);
+    assert_eq!(ann.subscribe("home/safe/+").await, V5SubCode::NotAuthorized);
+    // (`home/safe/#` also matches `home/safe`, which `home/+` would receive.)
+    assert_eq!(ann.subscribe("home/+").await, V5SubCode::NotAuthorized);
+    assert!(matches!(
+        ann.subscribe("home/lights").await,
+        V5SubCode::Success(_)
+    ));
+    assert_eq!(
+        watch.wait_message("home/lights").await,
+        Vec::<String>::new()
+    );
+
+    // libmosquitto, MQTT 3.1.1: the denied subscription gets 0x80, the denied publish is
+    // acknowledged and dropped (3.1.1 has no refusal code), the allowed one is delivered.
+    let port_s = port.to_string();
+    let sub = blocking(|| {
+        std::process::Command::new("mosquitto_sub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port_s,
+                "-V",
+                "mqttv311",
+                "-q",
+                "1",
+            ])
+            .args([
+                "-i",
+                "deny-mosq-sub",
+                "-u",
+                "ann",
+                "-P",
+                "a-pw",
+                "-t",
+                "home/#",
+                "-W",
+                "5",
+            ])
+            .output()
+    })
+    .expect("run mosquitto_sub");
+    let said =
+        String::from_utf8_lossy(&sub.stdout).into_owned() + &String::from_utf8_lossy(&sub.stderr);
+    assert!(
+        said.contains("denied"),
+        "mosquitto_sub on a filter overlapping a deny: {said:?}"
+    );
+    for (topic, payload) in [("home/safe/door", "open"), ("home/heating", "21")] {
+        let out = blocking(|| {
+            std::process::Command::new("mosquitto_pub")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port_s,
+                    "-V",
+                    "mqttv311",
+                    "-q",
+                    "1",
+                ])
+                .args([
+                    "-i",
+                    "deny-mosq-pub",
+                    "-u",
+                    "ann",
+                    "-P",
+                    "a-pw",
+                    "-t",
+                    topic,
+                ])
+                .args(["-m", payload])
+                .output()
+        })
+        .expect("run mosquitto_pub");
+        assert!(out.status.success(), "mosquitto_pub {topic}: {out:?}");
+    }
+    let before = watch.wait_message("home/heating").await;
+    assert!(
+        !before.iter().any(|t| t.starts_with("home/safe")),
+        "a denied publish reached a subscriber: {before:?}"
+    );
+    assert!(
+        relay.log_count("denied by ACL") >= 4,
+        "{}",
+        tail(&relay.log(), 20)
+    );
+}

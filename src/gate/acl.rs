@@ -6,6 +6,12 @@
 //! `%u` never matches an anonymous client, and one with `%c` never matches a client id holding
 //! `/`, `+` or `#`, so that substitution cannot widen a rule.
 //!
+//! A rule's `deny` filters win over every rule's allows: a publish to a topic a deny filter
+//! matches is refused, and so is a subscription whose filter can match any topic a deny filter
+//! matches (the relay does not withhold single messages from a granted subscription, so a
+//! subscription that could receive a denied topic is refused whole). A deny filter whose `%u`
+//! or `%c` cannot be filled in stands for every value there (`+`): a deny never narrows.
+//!
 //! When access control is on (users exist, or rules are configured), anything no rule allows is
 //! denied; when it is off, everything is allowed.
 
@@ -48,12 +54,20 @@ impl Acl {
     /// May `who` publish to `topic`?
     pub fn may_publish(&self, who: Who<'_>, topic: &str) -> bool {
         !self.enforced
-            || self.applicable(who).any(|r| {
-                r.publish
-                    .iter()
-                    .filter_map(|f| substitute(f, who))
-                    .any(|f| topic_matches(&f, topic))
-            })
+            || (!self.denied(who, |deny| topic_matches(deny, topic))
+                && self.applicable(who).any(|r| {
+                    r.publish
+                        .iter()
+                        .filter_map(|f| substitute(f, who))
+                        .any(|f| topic_matches(&f, topic))
+                }))
+    }
+
+    /// Whether a deny filter of a rule that applies to `who` is `hit`.
+    fn denied(&self, who: Who<'_>, hit: impl Fn(&str) -> bool) -> bool {
+        self.applicable(who)
+            .flat_map(|r| r.deny.iter())
+            .any(|f| hit(&substitute_wide(f, who)))
     }
 
     /// May `who` subscribe to `filter`? Only if every topic the filter can match is allowed.
@@ -69,12 +83,13 @@ impl Acl {
             },
             None => filter,
         };
-        self.applicable(who).any(|r| {
-            r.subscribe
-                .iter()
-                .filter_map(|f| substitute(f, who))
-                .any(|allowed| covers(&allowed, filter))
-        })
+        !self.denied(who, |deny| overlaps(deny, filter))
+            && self.applicable(who).any(|r| {
+                r.subscribe
+                    .iter()
+                    .filter_map(|f| substitute(f, who))
+                    .any(|allowed| covers(&allowed, filter))
+            })
     }
 
     fn applicable<'s>(&'s self, who: Who<'s>) -> impl Iterator<Item = &'s AclRule> + 's {
@@ -107,6 +122,42 @@ fn substitute(filter: &str, who: Who<'_>) -> Option<String> {
         out = out.replace("%c", who.client_id);
     }
     Some(out)
+}
+
+/// A deny filter with `%u` and `%c` put in; a level where one cannot be (an anonymous client,
+/// a client id holding `/`, `+` or `#`) becomes `+`, so the deny covers every value there.
+fn substitute_wide(filter: &str, who: Who<'_>) -> String {
+    filter
+        .split('/')
+        .map(|level| {
+            if !level.contains("%u") && !level.contains("%c") {
+                return level.to_owned();
+            }
+            substitute(level, who).unwrap_or_else(|| "+".to_owned())
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Whether some topic matches both filters (`$` topics only by filters that name them).
+fn overlaps(a: &str, b: &str) -> bool {
+    let wild_first = |f: &str| f.starts_with('+') || f.starts_with('#');
+    if (a.starts_with('$') && wild_first(b)) || (b.starts_with('$') && wild_first(a)) {
+        return false;
+    }
+    let (mut a, mut b) = (a.split('/'), b.split('/'));
+    loop {
+        match (a.next(), b.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (None, None) => return true,
+            (None, Some(_)) | (Some(_), None) => return false,
+            (Some(x), Some(y)) => {
+                if x != "+" && y != "+" && x != y {
+                    return false;
+                }
+            }
+        }
+    }
 }
 
 /// MQTT matching of a concrete topic against a filter.
@@ -152,6 +203,67 @@ mod tests {
             group: group.map(str::to_owned),
             publish: publish.iter().map(|s| s.to_string()).collect(),
             subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+            deny: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn deny_wins_over_allows_for_topics_and_overlapping_filters() {
+        let mut home = rule(Some("*"), None, &["home/#"], &["home/#", "+/lights"]);
+        home.deny = vec!["home/safe/#".into(), "home/%u/diary".into()];
+        let acl = Acl::new(
+            vec![home, rule(Some("admin"), None, &["#"], &["#"])],
+            HashMap::new(),
+            true,
+        );
+        let cases: &[(Option<&str>, &str, bool, bool)] = &[
+            // user, topic/filter, may publish, may subscribe
+            (Some("ann"), "home/lights", true, true),
+            (Some("ann"), "home/safe", false, false),
+            (Some("ann"), "home/safe/code", false, false),
+            (Some("ann"), "home/ann/diary", false, false),
+            (Some("ann"), "home/bob/diary", true, true),
+            // Filters that could receive a denied topic are refused whole.
+            (Some("ann"), "home/#", false, false),
+            (Some("ann"), "home/+/code", false, false),
+            (Some("ann"), "home/+/diary", false, false),
+            (Some("ann"), "+/lights", false, true),
+            // A deny in a rule for everyone binds the admin too.
+            (Some("admin"), "home/safe/code", false, false),
+            (Some("admin"), "office/x", true, true),
+            // Anonymous: `%u` cannot be filled in, so the deny covers every user's diary.
+            (None, "home/bob/diary", false, false),
+            (None, "home/bob/notes", true, true),
+        ];
+        for (user, t, publish, subscribe) in cases {
+            let w = who(*user, "c");
+            if !t.contains(['+', '#']) {
+                assert_eq!(acl.may_publish(w, t), *publish, "publish {user:?} {t}");
+            }
+            assert_eq!(
+                acl.may_subscribe(w, t),
+                *subscribe,
+                "subscribe {user:?} {t}"
+            );
+        }
+    }
+
+    #[test]
+    fn filters_overlap_as_mqtt_matching_says() {
+        let cases = [
+            ("a/#", "a", true),
+            ("a/#", "a/b/c", true),
+            ("a/+", "a/b/c", false),
+            ("a/+/c", "+/b/+", true),
+            ("a/b", "a/c", false),
+            ("#", "$SYS/x", false),
+            ("$SYS/#", "$SYS/+", true),
+            ("+/x", "$SYS/x", false),
+            ("a", "a/+", false),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(overlaps(a, b), want, "{a} ~ {b}");
+            assert_eq!(overlaps(b, a), want, "{b} ~ {a}");
         }
     }
 

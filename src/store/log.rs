@@ -22,7 +22,7 @@ use super::OutboxStats;
 /// How much a reader reads at first, and at most, at a time: reads that want a few records
 /// (the uplink's, mostly) stay small; long scans grow to large reads.
 const FIRST_BLOCK: u64 = 16 * 1024;
-const MAX_BLOCK: u64 = 1024 * 1024;
+const MAX_BLOCK: u64 = 128 * 1024;
 
 /// A chunk of the log held by a segment file.
 #[derive(Clone)]

@@ -2207,34 +2207,11 @@ async fn deny_rules_win_over_allows_for_publishes_and_subscriptions() {
 
     // libmosquitto, MQTT 3.1.1: the denied subscription gets 0x80, the denied publish is
     // acknowledged and dropped (3.1.1 has no refusal code), the allowed one is delivered.
-    let port_s = port.to_string();
-    let sub = blocking(|| {
-        std::process::Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port_s,
-                "-V",
-                "mqttv311",
-                "-q",
-                "1",
-            ])
-            .args([
-                "-i",
-                "deny-mosq-sub",
-                "-u",
-                "ann",
-                "-P",
-                "a-pw",
-                "-t",
-                "home/#",
-                "-W",
-                "5",
-            ])
-            .output()
-    })
-    .expect("run mosquitto_sub");
+    let sub = mosquitto(
+        port,
+        "mosquitto_sub",
+        &["-i", "deny-mosq-sub", "-t", "home/#", "-W", "5"],
+    );
     let said =
         String::from_utf8_lossy(&sub.stdout).into_owned() + &String::from_utf8_lossy(&sub.stderr);
     assert!(
@@ -2242,32 +2219,8 @@ async fn deny_rules_win_over_allows_for_publishes_and_subscriptions() {
         "mosquitto_sub on a filter overlapping a deny: {said:?}"
     );
     for (topic, payload) in [("home/safe/door", "open"), ("home/heating", "21")] {
-        let out = blocking(|| {
-            std::process::Command::new("mosquitto_pub")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port_s,
-                    "-V",
-                    "mqttv311",
-                    "-q",
-                    "1",
-                ])
-                .args([
-                    "-i",
-                    "deny-mosq-pub",
-                    "-u",
-                    "ann",
-                    "-P",
-                    "a-pw",
-                    "-t",
-                    topic,
-                ])
-                .args(["-m", payload])
-                .output()
-        })
-        .expect("run mosquitto_pub");
+        let args = ["-i", "deny-mosq-pub", "-t", topic, "-m", payload];
+        let out = mosquitto(port, "mosquitto_pub", &args);
         assert!(out.status.success(), "mosquitto_pub {topic}: {out:?}");
     }
     let before = watch.wait_message("home/heating").await;
@@ -2280,4 +2233,18 @@ async fn deny_rules_win_over_allows_for_publishes_and_subscriptions() {
         "{}",
         tail(&relay.log(), 20)
     );
+}
+
+/// Runs a mosquitto command-line client (libmosquitto) as `ann`, MQTT 3.1.1, QoS 1, against
+/// the relay on `port`, with `args` added.
+fn mosquitto(port: u16, tool: &str, args: &[&str]) -> std::process::Output {
+    let port = port.to_string();
+    blocking(|| {
+        std::process::Command::new(tool)
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv311", "-q", "1"])
+            .args(["-u", "ann", "-P", "a-pw"])
+            .args(args)
+            .output()
+    })
+    .unwrap_or_else(|e| panic!("run {tool}: {e}"))
 }

@@ -235,17 +235,11 @@ mod tests {
             (None, "home/bob/diary", false, false),
             (None, "home/bob/notes", true, true),
         ];
-        for (user, t, publish, subscribe) in cases {
-            let w = who(*user, "c");
-            if !t.contains(['+', '#']) {
-                assert_eq!(acl.may_publish(w, t), *publish, "publish {user:?} {t}");
-            }
-            assert_eq!(
-                acl.may_subscribe(w, t),
-                *subscribe,
-                "subscribe {user:?} {t}"
-            );
-        }
+        let cases: Vec<_> = cases
+            .iter()
+            .map(|&(user, t, publish, subscribe)| (user, "c", t, publish, subscribe))
+            .collect();
+        check(&acl, &cases);
     }
 
     #[test]
@@ -269,6 +263,19 @@ mod tests {
 
     fn who<'a>(user: Option<&'a str>, client_id: &'a str) -> Who<'a> {
         Who { user, client_id }
+    }
+
+    /// Each case: user, client id, topic or filter, may publish (topics only), may subscribe.
+    type Case<'a> = (Option<&'a str>, &'a str, &'a str, bool, bool);
+
+    fn check(acl: &Acl, cases: &[Case<'_>]) {
+        for &(user, client, t, publish, subscribe) in cases {
+            let w = who(user, client);
+            if !t.contains(['+', '#']) {
+                assert_eq!(acl.may_publish(w, t), publish, "publish {user:?} {t}");
+            }
+            assert_eq!(acl.may_subscribe(w, t), subscribe, "subscribe {user:?} {t}");
+        }
     }
 
     #[test]
@@ -297,7 +304,7 @@ mod tests {
             groups,
             true,
         );
-        let cases: &[(Option<&str>, &str, &str, bool, bool)] = &[
+        let cases: &[Case<'_>] = &[
             // user, client, topic/filter, may publish, may subscribe
             (Some("alice"), "a1", "chat/room", true, true),
             (Some("alice"), "a1", "chat/#", false, true),
@@ -316,17 +323,7 @@ mod tests {
             (Some("bob"), "x", "$share/g/public/news", false, true),
             (Some("bob"), "x", "$share/g/secret", false, false),
         ];
-        for (user, client, t, publish, subscribe) in cases {
-            let w = who(*user, client);
-            if !t.contains(['+', '#']) {
-                assert_eq!(acl.may_publish(w, t), *publish, "publish {user:?} {t}");
-            }
-            assert_eq!(
-                acl.may_subscribe(w, t),
-                *subscribe,
-                "subscribe {user:?} {t}"
-            );
-        }
+        check(&acl, cases);
     }
 
     #[test]

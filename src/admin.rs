@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker_watch::ProbeStats;
+use crate::broker::router::Router;
 use crate::downlink::DownlinkStatus;
 use crate::gate::GateShared;
 use crate::serial::PortStats;
@@ -39,7 +39,7 @@ pub struct Sources {
     pub uplink: Option<Arc<UplinkStatus>>,
     pub downlink: Option<Arc<DownlinkStatus>>,
     pub serial: Vec<(String, Arc<PortStats>)>,
-    pub broker: Arc<ProbeStats>,
+    pub broker: Router,
     /// The process's kernel write count when the relay started.
     pub write_bytes_at_start: u64,
 }
@@ -58,25 +58,37 @@ pub struct Status {
     pub memory: MemoryStatus,
     pub serial: Vec<SerialStatus>,
     #[serde(default)]
-    pub broker: BrokerStatus,
+    pub broker: RouterStatus,
 }
 
-/// The local broker as its probes find it (`crate::broker_watch`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct BrokerStatus {
-    /// Whether the last probe got in.
-    pub answering: bool,
-    /// Probes that did not get in since the relay started.
-    pub probe_failures: u64,
-}
-
-impl Default for BrokerStatus {
-    fn default() -> BrokerStatus {
-        BrokerStatus {
-            answering: true,
-            probe_failures: 0,
-        }
-    }
+/// The local broker's router (`crate::broker::router`): its sessions, subscriptions and queues
+/// now, and counters since the relay started.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RouterStatus {
+    /// Sessions with a connection, and persistent sessions kept without one.
+    pub sessions_online: u64,
+    pub sessions_offline: u64,
+    /// Offline sessions ended because their expiry passed.
+    pub sessions_expired: u64,
+    pub subscriptions: u64,
+    /// Topics with a retained message in the router.
+    pub retained_messages: u64,
+    /// Deliveries waiting in the sessions' queues (not yet sent, or sent and unacknowledged),
+    /// and their bytes.
+    pub queued_messages: u64,
+    pub queued_bytes: u64,
+    /// Messages published into the router (by MQTT clients, the downlink and serial ports), and
+    /// deliveries sent to MQTT clients.
+    pub messages_in: u64,
+    pub messages_out: u64,
+    /// Deliveries dropped because a session's queue (or all of them) was full.
+    pub dropped: u64,
+    /// Deliveries dropped because their message expired before they were sent.
+    pub expired: u64,
+    pub wills_published: u64,
+    /// Session records and deliveries the store could not keep.
+    pub persist_failures: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -337,9 +349,23 @@ impl Sources {
                     partial: load(&s.partial),
                 })
                 .collect(),
-            broker: BrokerStatus {
-                answering: self.broker.answering.load(Ordering::Relaxed),
-                probe_failures: load(&self.broker.failures),
+            broker: {
+                let r = self.broker.stats();
+                RouterStatus {
+                    sessions_online: load(&r.sessions_online),
+                    sessions_offline: load(&r.sessions_offline),
+                    sessions_expired: load(&r.sessions_expired),
+                    subscriptions: load(&r.subscriptions),
+                    retained_messages: load(&r.retained),
+                    queued_messages: load(&r.queued_messages),
+                    queued_bytes: load(&r.queued_bytes),
+                    messages_in: load(&r.messages_in),
+                    messages_out: load(&r.messages_out),
+                    dropped: load(&r.dropped),
+                    expired: load(&r.expired),
+                    wills_published: load(&r.wills_published),
+                    persist_failures: load(&r.persist_failures),
+                }
             },
         }
     }
@@ -500,17 +526,76 @@ pub fn metrics(s: &Status) -> String {
         "Retained messages refused because max_retained_bytes was reached.",
         &[("", f(s.outbox.retained_refused))],
     );
+    // The router's retained messages are not repeated here: `retained_messages` above counts
+    // the same topics, as the store keeps them.
     metric(
-        "broker_answering",
+        "sessions",
         "gauge",
-        "1 while the local broker lets a probe client in.",
-        &[("", f(u64::from(s.broker.answering)))],
+        "Sessions of the local broker: with a connection, or persistent and kept without one.",
+        &[
+            ("{state=\"online\"}", f(s.broker.sessions_online)),
+            ("{state=\"offline\"}", f(s.broker.sessions_offline)),
+        ],
     );
     metric(
-        "broker_probe_failures_total",
+        "sessions_expired_total",
         "counter",
-        "Probes of the local broker that did not get in.",
-        &[("", f(s.broker.probe_failures))],
+        "Offline sessions ended because their expiry passed.",
+        &[("", f(s.broker.sessions_expired))],
+    );
+    metric(
+        "subscriptions",
+        "gauge",
+        "Subscriptions of all sessions.",
+        &[("", f(s.broker.subscriptions))],
+    );
+    metric(
+        "session_queued_messages",
+        "gauge",
+        "Deliveries waiting in the sessions' queues (not yet sent, or sent and unacknowledged).",
+        &[("", f(s.broker.queued_messages))],
+    );
+    metric(
+        "session_queued_bytes",
+        "gauge",
+        "Bytes of the deliveries waiting in the sessions' queues.",
+        &[("", f(s.broker.queued_bytes))],
+    );
+    metric(
+        "messages_received_total",
+        "counter",
+        "Messages published into the local broker (by MQTT clients, the downlink and serial ports).",
+        &[("", f(s.broker.messages_in))],
+    );
+    metric(
+        "messages_sent_total",
+        "counter",
+        "Deliveries the local broker sent to MQTT clients.",
+        &[("", f(s.broker.messages_out))],
+    );
+    metric(
+        "session_dropped_total",
+        "counter",
+        "Deliveries dropped because a session's queue (or all of them) was full.",
+        &[("", f(s.broker.dropped))],
+    );
+    metric(
+        "messages_expired_total",
+        "counter",
+        "Deliveries dropped because their message expired before they were sent.",
+        &[("", f(s.broker.expired))],
+    );
+    metric(
+        "wills_published_total",
+        "counter",
+        "Will messages published.",
+        &[("", f(s.broker.wills_published))],
+    );
+    metric(
+        "session_store_failures_total",
+        "counter",
+        "Session records and deliveries the store could not keep.",
+        &[("", f(s.broker.persist_failures))],
     );
     metric(
         "store_file_bytes",
@@ -827,13 +912,8 @@ pub fn summary(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "local broker: {}; {} failed probes",
-        if s.broker.answering {
-            "answering"
-        } else {
-            "NOT ANSWERING"
-        },
-        s.broker.probe_failures
+        "sessions: {} online, {} offline, {} queued messages",
+        s.broker.sessions_online, s.broker.sessions_offline, s.broker.queued_messages
     );
     for p in &s.serial {
         let _ = writeln!(

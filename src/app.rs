@@ -17,8 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
-use crate::broker::{Broker, BrokerSettings, Retained};
-use crate::broker_watch::{self, ProbeStats, ProbeTiming, Prober};
+use crate::broker::local::LocalPublisher;
+use crate::broker::message::Origin;
+use crate::broker::router::{Router, RouterSettings};
+use crate::broker::sys;
 use crate::config::Config;
 use crate::downlink::{self, DownlinkSettings, DownlinkStatus};
 use crate::gate::{Gate, GateReload, GateSettings, TlsFiles};
@@ -28,6 +30,9 @@ use crate::store::users::Users;
 use crate::store::Store;
 use crate::systemd::{self, StatusSource};
 use crate::uplink::{self, UplinkSettings, UplinkStatus};
+
+/// How often the broker's `$SYS` statistics are published (as Mosquitto's default).
+const SYS_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Runs the relay until `stop` resolves, then drains and returns.
 pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -56,30 +61,32 @@ pub async fn run_with(
         .context("cannot start the outbox committer thread")?;
     let stats = store.stats_handle();
 
-    let broker = Broker::start(&BrokerSettings {
-        max_packet_size: config.mqtt.max_packet_size,
-        max_inflight: config.mqtt.max_inflight,
-    })
-    .await?;
-
-    let retained: Vec<Retained> = store
+    let router = Router::new(
+        RouterSettings {
+            max_queued_messages: config.mqtt.max_queued_messages,
+            max_queued_bytes: config.mqtt.max_queued_bytes,
+            max_total_queued_bytes: config.mqtt.max_queued_total_bytes,
+        },
+        Some(store.clone()),
+    );
+    let retained: Vec<_> = store
         .retained()
         .await?
         .into_iter()
-        .map(|r| Retained {
-            topic: r.topic,
-            payload: r.payload,
-            user_properties: r.headers.into_iter().map(|h| (h.name, h.value)).collect(),
-        })
+        .map(crate::gate::retained_message)
         .collect();
     if !retained.is_empty() {
-        let n = broker.restore_retained(retained).await?;
+        let n = router.restore_retained(retained);
         tracing::info!(messages = n, "retained messages restored");
+    }
+    let sessions = router.restore_sessions().await?;
+    if sessions > 0 {
+        tracing::info!(sessions, "persistent sessions restored");
     }
 
     let gate = Gate::bind(
         gate_settings(&config),
-        &broker,
+        &router,
         store.clone(),
         Users::at(&config.relay.data_dir),
     )
@@ -132,7 +139,7 @@ pub async fn run_with(
         uplink_status = Some(status.clone());
         let client = uplink::connect(&settings, status.clone()).await?;
         if !config.import.is_empty() {
-            let publisher = broker.local_publisher("relaybox-downlink")?;
+            let publisher = LocalPublisher::new(&router, Origin::Hub);
             let down = DownlinkSettings {
                 relay: config.relay.name.clone(),
                 subject_prefix: u.subject_prefix.clone(),
@@ -168,19 +175,16 @@ pub async fn run_with(
             .iter()
             .map(|p| PortSettings::from_config(p, &exports))
             .collect();
-        let serial = Serial::start(ports, &broker, &store)?;
+        let serial = Serial::start(ports, &router, &store).await?;
         serial_stats = serial.stats();
         tracker.spawn(serial.run(shutdown.clone()));
     }
-    // Watched once every in-process link into the router is made (the first probe comes a
-    // probe interval later).
-    let timing = ProbeTiming::default();
-    let probe_stats = Arc::new(ProbeStats::default());
-    tracker.spawn(broker_watch::watch(
-        Prober::new(&broker),
-        timing,
-        liveness.heartbeat("local broker"),
-        probe_stats.clone(),
+    // The router's timers (wills, session expiry) and its `$SYS` statistics; its loop is one of
+    // the core loops the watchdog watches.
+    tracker.spawn(sys::run(
+        router.clone(),
+        SYS_INTERVAL,
+        liveness.heartbeat("router"),
         shutdown.clone(),
     ));
     let sources = Arc::new(admin::Sources {
@@ -191,7 +195,7 @@ pub async fn run_with(
         uplink: uplink_status.clone(),
         downlink: downlink_status,
         serial: serial_stats,
-        broker: probe_stats,
+        broker: router.clone(),
         write_bytes_at_start,
     });
     match tokio::net::TcpListener::bind(config.admin.listen).await {
@@ -220,6 +224,9 @@ pub async fn run_with(
         ));
     }
     drop(sources);
+    // The router holds a store handle too: the committer's last commit comes once every
+    // holder (the tasks, at shutdown) has let go.
+    drop(router);
     drop(store);
 
     tracing::info!(%listen, data_dir = %config.relay.data_dir.display(), "relaybox ready");

@@ -108,6 +108,16 @@ pub struct MqttConfig {
     /// all topics; a retained message beyond it is refused.
     #[serde(default = "default_max_retained_bytes")]
     pub max_retained_bytes: u64,
+    /// Messages a session may have queued (waiting for its client, or sent and not yet
+    /// acknowledged); one more is dropped and counted.
+    #[serde(default = "default_max_queued_messages")]
+    pub max_queued_messages: usize,
+    /// Bytes a session's queue may hold.
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: usize,
+    /// Bytes all sessions' queues together may hold.
+    #[serde(default = "default_max_queued_total_bytes")]
+    pub max_queued_total_bytes: usize,
 }
 
 impl Default for MqttConfig {
@@ -127,6 +137,9 @@ impl Default for MqttConfig {
             max_inflight: default_max_inflight(),
             connect_timeout_ms: default_connect_timeout_ms(),
             max_retained_bytes: default_max_retained_bytes(),
+            max_queued_messages: default_max_queued_messages(),
+            max_queued_bytes: default_max_queued_bytes(),
+            max_queued_total_bytes: default_max_queued_total_bytes(),
         }
     }
 }
@@ -513,6 +526,15 @@ fn default_connect_timeout_ms() -> u64 {
 fn default_max_retained_bytes() -> u64 {
     16 * 1024 * 1024
 }
+fn default_max_queued_messages() -> usize {
+    1000
+}
+fn default_max_queued_bytes() -> usize {
+    1024 * 1024
+}
+fn default_max_queued_total_bytes() -> usize {
+    64 * 1024 * 1024
+}
 fn default_max_bytes() -> u64 {
     256 * 1024 * 1024
 }
@@ -725,6 +747,13 @@ impl Config {
             ("max_packet_size", m.max_packet_size as u64, 64),
             ("connect_timeout_ms", m.connect_timeout_ms, 100),
             ("max_retained_bytes", m.max_retained_bytes, 1024),
+            ("max_queued_messages", m.max_queued_messages as u64, 1),
+            ("max_queued_bytes", m.max_queued_bytes as u64, 1024),
+            (
+                "max_queued_total_bytes",
+                m.max_queued_total_bytes as u64,
+                1024,
+            ),
         ] {
             if value < min {
                 return Err(invalid(

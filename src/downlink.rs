@@ -22,7 +22,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::LocalPublisher;
+use crate::broker::local::LocalPublisher;
 use crate::config::UplinkMode;
 use crate::mapping::{self, TopicFilter};
 use crate::uplink::{self, ORIGIN_HEADER};

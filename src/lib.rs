@@ -9,7 +9,6 @@
 pub mod admin;
 pub mod app;
 pub mod broker;
-pub mod broker_watch;
 pub mod config;
 pub mod downlink;
 pub mod gate;

@@ -1,6 +1,6 @@
 //! Liveness of the core loops: heartbeats that the gate, the outbox committer, the uplink and the
-//! local broker's probe ([`crate::broker_watch`]) bump as they go round, and the registry that
-//! tells whether all of them still do.
+//! local broker's router loop (its timers and `$SYS` statistics, heartbeat "router") bump as they
+//! go round, and the registry that tells whether all of them still do.
 //!
 //! What "alive" means here: the loop is being run. The committer thread beats at the top of
 //! every round (at least once a second when idle: its queue wait times out), so a commit stuck

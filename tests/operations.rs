@@ -352,6 +352,8 @@ async fn metrics_and_status_match_what_was_sent() {
     let admin = cfg.admin_port;
     let relay = Relay::start(cfg).await;
     wait_stream_exists(&hub.url(), STREAM, Duration::from_secs(10)).await;
+    // One client stays connected (clean session, one subscription) through the scrape.
+    let subscriber = Subscriber::start(relay.port(), "m-sub", &["local/#"]).await;
     let exported: Vec<Vec<u8>> = (0..300).map(|i| format!("e{i}").into_bytes()).collect();
     let local: Vec<Vec<u8>> = (0..200).map(|i| format!("l{i}").into_bytes()).collect();
     publish_all_v4(
@@ -382,14 +384,44 @@ async fn metrics_and_status_match_what_was_sent() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    assert_eq!(subscriber.wait_for(200, Duration::from_secs(10)).await, 200);
+    // The subscriber's last PUBACKs may still be on their way.
+    for _ in 0..50 {
+        if admin_status(admin).await["broker"]["queued_messages"] == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let text = admin_get(admin, "/metrics").await;
     let lines = text.lines().map(|l| Ok(l.to_owned()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text parses");
-    assert_eq!(sample(&scrape, "relaybox_broker_answering", None), 1.0);
+    // The router: the subscriber's session is the only one (the publishers' clean sessions
+    // ended with their connections), it got every local message, and nothing was lost.
     assert_eq!(
-        sample(&scrape, "relaybox_broker_probe_failures_total", None),
+        sample(&scrape, "relaybox_sessions", Some(("state", "online"))),
+        1.0
+    );
+    assert_eq!(
+        sample(&scrape, "relaybox_sessions", Some(("state", "offline"))),
         0.0
     );
+    assert_eq!(sample(&scrape, "relaybox_subscriptions", None), 1.0);
+    assert_eq!(
+        sample(&scrape, "relaybox_session_queued_messages", None),
+        0.0
+    );
+    // At least the 500 publishes (the router's own `$SYS` messages count as well).
+    assert!(sample(&scrape, "relaybox_messages_received_total", None) >= 500.0);
+    assert_eq!(sample(&scrape, "relaybox_messages_sent_total", None), 200.0);
+    for name in [
+        "relaybox_sessions_expired_total",
+        "relaybox_session_dropped_total",
+        "relaybox_messages_expired_total",
+        "relaybox_wills_published_total",
+        "relaybox_session_store_failures_total",
+    ] {
+        assert_eq!(sample(&scrape, name, None), 0.0, "{name}");
+    }
     assert_eq!(
         sample(
             &scrape,
@@ -452,6 +484,9 @@ async fn metrics_and_status_match_what_was_sent() {
         cli["uplink"]["acknowledged"]
     );
     assert_eq!(json["mqtt"]["publishes_in"], 500);
+    assert_eq!(json["broker"]["sessions_online"], 1, "{json:#}");
+    assert_eq!(json["broker"]["subscriptions"], 1, "{json:#}");
+    assert_eq!(json["broker"]["messages_out"], 200, "{json:#}");
     let human = std::process::Command::new(RELAY_BIN)
         .args(["status", "--config"])
         .arg(&relay.config_path)
@@ -465,6 +500,11 @@ async fn metrics_and_status_match_what_was_sent() {
         human.contains("hub: connected, 300 messages acknowledged"),
         "{human}"
     );
+    assert!(
+        human.contains("sessions: 1 online, 0 offline, 0 queued messages"),
+        "{human}"
+    );
+    drop(subscriber);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -894,9 +894,9 @@ async fn a_will_message_is_held_to_the_acl() {
                 other => panic!("{v}: denied will: {other:?}"),
             }
             assert!(conn.closed_within(REPLY), "{v}: denied will");
-            // A will topic that is no topic name (a wildcard, a first character the broker
-            // cannot route): refused as well (3.1.1 has no code for it: closed).
-            for bad in ["ok/#", "é/will"] {
+            // A will topic that is no topic name (a wildcard): refused as well (3.1.1 has no
+            // code for it: closed).
+            for bad in ["ok/#", "ok/+/will"] {
                 let mut conn = login(&format!("will-bad-{v}"), bad);
                 match conn.read(REPLY) {
                     Got::Packet(0x20, body) if v5 => assert_eq!(body[1], 0x90, "{v}: {bad}"),

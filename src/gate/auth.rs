@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::acl::Acl;
-use crate::broker::{ConnectInfo, ConnectRefusal};
+use super::client::ConnectRefusal;
+use crate::broker::codec::Connect as ConnectInfo;
 use crate::config::AclRule;
 use crate::store::users::{UserDb, Users};
 

@@ -17,8 +17,7 @@
 
 pub mod acl;
 mod auth;
-mod connection;
-mod egress;
+mod client;
 pub mod tls;
 pub mod ws;
 
@@ -33,14 +32,14 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::Broker;
+use crate::broker::router::Router;
 use crate::config::AclRule;
 use crate::liveness::Heartbeat;
 use crate::mapping::TopicFilter;
 use crate::store::users::Users;
 use crate::store::Store;
 
-pub use connection::Shared as GateShared;
+pub use client::{retained_message, Shared as GateShared};
 pub use tls::{TlsError, TlsFiles};
 
 #[derive(Debug, thiserror::Error)]
@@ -105,12 +104,12 @@ pub enum Transport {
 /// The bound listeners, ready to serve.
 pub struct Gate {
     listeners: Vec<(Transport, TcpListener)>,
-    shared: Arc<connection::Shared>,
+    shared: Arc<client::Shared>,
 }
 
 /// Applies configuration changes to a running gate (SIGHUP).
 #[derive(Clone)]
-pub struct GateReload(Arc<connection::Shared>);
+pub struct GateReload(Arc<client::Shared>);
 
 impl GateReload {
     /// New ACL rules and groups; connections keep running and use them from their next packet.
@@ -131,7 +130,7 @@ impl Gate {
     /// Binds every configured listener.
     pub async fn bind(
         settings: GateSettings,
-        broker: &Broker,
+        router: &Router,
         store: Store,
         users: Users,
     ) -> Result<Gate, GateError> {
@@ -161,9 +160,8 @@ impl Gate {
             settings.acl.clone(),
             settings.groups.clone(),
         );
-        let shared = Arc::new(connection::Shared {
-            v4: broker.server_for(crate::broker::Version::V4),
-            v5: broker.server_for(crate::broker::Version::V5),
+        let shared = Arc::new(client::Shared {
+            router: router.clone(),
             slots: Arc::new(Semaphore::new(settings.max_connections)),
             settings,
             store,
@@ -172,7 +170,6 @@ impl Gate {
             stats: GateStats::default(),
             last_busy_warning: AtomicU64::new(0),
             started: Instant::now(),
-            redeliveries: Default::default(),
         });
         Ok(Gate { listeners, shared })
     }
@@ -190,7 +187,7 @@ impl Gate {
             .and_then(|(_, l)| l.local_addr().ok())
     }
 
-    pub fn stats(&self) -> Arc<connection::Shared> {
+    pub fn stats(&self) -> Arc<client::Shared> {
         self.shared.clone()
     }
 
@@ -273,7 +270,7 @@ impl Gate {
 
 /// Completes the transport's handshake and hands the byte stream to the MQTT connection.
 async fn open(
-    shared: Arc<connection::Shared>,
+    shared: Arc<client::Shared>,
     transport: Transport,
     stream: TcpStream,
     peer: SocketAddr,
@@ -285,13 +282,13 @@ async fn open(
     let result: Result<(), String> = async {
         match transport {
             Transport::Tcp => {
-                connection::serve(shared, stream, peer, None, shutdown).await;
+                client::serve(shared, stream, peer, None, shutdown).await;
             }
             Transport::Ws => {
                 let ws = ws::accept(stream, max, deadline)
                     .await
                     .map_err(|e| e.to_string())?;
-                connection::serve(shared, ws, peer, None, shutdown).await;
+                client::serve(shared, ws, peer, None, shutdown).await;
             }
             Transport::Tls | Transport::Wss => {
                 let acceptor = match &shared.tls {
@@ -304,12 +301,12 @@ async fn open(
                     .map_err(|e| format!("TLS handshake failed: {e}"))?;
                 let cert_user = tls::client_common_name(tls.get_ref().1);
                 if transport == Transport::Tls {
-                    connection::serve(shared, tls, peer, cert_user, shutdown).await;
+                    client::serve(shared, tls, peer, cert_user, shutdown).await;
                 } else {
                     let ws = ws::accept(tls, max, deadline)
                         .await
                         .map_err(|e| e.to_string())?;
-                    connection::serve(shared, ws, peer, cert_user, shutdown).await;
+                    client::serve(shared, ws, peer, cert_user, shutdown).await;
                 }
             }
         }
@@ -318,14 +315,5 @@ async fn open(
     .await;
     if let Err(reason) = result {
         tracing::warn!(%peer, ?transport, reason, "closed client connection before MQTT");
-    }
-}
-
-/// Locks a mutex of the gate's; a panic elsewhere while it was held leaves plain data behind
-/// (sets and maps of packet ids), which stays usable.
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
     }
 }

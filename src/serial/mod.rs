@@ -42,7 +42,9 @@ use tokio::sync::mpsc;
 use tokio_serial::SerialStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, BrokerError, LocalPublisher, LocalSubscriber};
+use crate::broker::local::{local_subscriber, LocalError, LocalPublisher, LocalSubscriber};
+use crate::broker::message::Origin as MessageOrigin;
+use crate::broker::router::Router;
 use crate::config::{Framing, Parity, SerialConfig};
 use crate::mapping::TopicFilter;
 use crate::proto::{Origin, OutboxRecord};
@@ -63,7 +65,7 @@ const READ_CHUNK: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum SerialError {
     #[error("serial port {port}: cannot link to the local router: {source}")]
-    Link { port: String, source: BrokerError },
+    Link { port: String, source: LocalError },
 }
 
 /// What one port's tasks need to know.
@@ -162,9 +164,9 @@ struct Port {
 
 impl Serial {
     /// Makes each port's link into the local router (subscribed to its `command_topic`).
-    pub fn start(
+    pub async fn start(
         ports: Vec<PortSettings>,
-        broker: &Broker,
+        router: &Router,
         store: &Store,
     ) -> Result<Serial, SerialError> {
         let mut linked = Vec::with_capacity(ports.len());
@@ -174,14 +176,14 @@ impl Serial {
                 port: settings.name.clone(),
                 source,
             };
-            let (publisher, commands) = match &settings.command_topic {
-                Some(filter) => {
-                    let (p, s) = broker
-                        .local_client(&client_id, std::slice::from_ref(filter))
-                        .map_err(link_err)?;
-                    (p, Some(s))
-                }
-                None => (broker.local_publisher(&client_id).map_err(link_err)?, None),
+            let publisher = LocalPublisher::new(router, MessageOrigin::Internal);
+            let commands = match &settings.command_topic {
+                Some(filter) => Some(
+                    local_subscriber(router, &client_id, std::slice::from_ref(filter))
+                        .await
+                        .map_err(link_err)?,
+                ),
+                None => None,
             };
             linked.push(Port {
                 settings,
@@ -518,7 +520,7 @@ async fn open_port(s: &PortSettings) -> Result<SerialStream, tokio_serial::Error
 async fn publish_frames(
     settings: &PortSettings,
     stats: &PortStats,
-    mut publisher: LocalPublisher,
+    publisher: LocalPublisher,
     mut accepted: mpsc::Receiver<Accepted>,
 ) {
     let mut refusing = false;

@@ -500,6 +500,37 @@ fn read_entries(
     Ok((out, damaged))
 }
 
+/// Every entry of `space`, read back from the log, and the keys of those that could not be.
+#[allow(clippy::type_complexity)]
+fn read_space(
+    files: &Files,
+    entries: &Entries,
+    space: u8,
+) -> std::io::Result<(Vec<(Vec<u8>, Vec<u8>)>, Vec<Vec<u8>>)> {
+    let mut places: Vec<(&Vec<u8>, Place)> = entries
+        .iter()
+        .filter(|((s, _), _)| *s == space)
+        .map(|((_, k), p)| (k, *p))
+        .collect();
+    places.sort();
+    let mut out = Vec::with_capacity(places.len());
+    let mut damaged = Vec::new();
+    for (key, place) in places {
+        let max = format::record_len(place.value_len as usize + key.len() + 9);
+        let value = match files.read_record(place.position, max)? {
+            Some((Kind::Set, body)) => format::split_entry(&body, true)
+                .filter(|(s, k, _)| *s == space && *k == key.as_slice())
+                .and_then(|(_, _, v)| v.map(<[u8]>::to_vec)),
+            _ => None,
+        };
+        match value {
+            Some(v) => out.push((key.clone(), v)),
+            None => damaged.push(key.clone()),
+        }
+    }
+    Ok((out, damaged))
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir`. Retained messages may take `max_retained_bytes`.
     pub fn open(
@@ -714,6 +745,90 @@ impl Store {
             })
             .await
             .map_err(|_| StoreError::Closed)
+    }
+
+    /// Sets (`Some`) or removes (`None`) the keyed entry `key` of `space` ([`SESSION`],
+    /// [`SUBSCRIPTION`], [`QUEUED`], [`INFLIGHT`]) in the next commit; the ticket resolves
+    /// once that commit is durable.
+    pub async fn entry(
+        &self,
+        space: u8,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> Result<Ticket, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send_entry(space, key, value, Some(tx)).await?;
+        Ok(Ticket(rx))
+    }
+
+    /// As [`Store::entry`] without waiting for the commit.
+    pub async fn entry_nowait(
+        &self,
+        space: u8,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        self.send_entry(space, key, value, None).await
+    }
+
+    /// As [`Store::entry_nowait`], from code that cannot wait: `false` when the committer's
+    /// queue is full or closed (the entry is not written).
+    pub fn try_entry(&self, space: u8, key: Vec<u8>, value: Option<Vec<u8>>) -> bool {
+        self.requests
+            .try_send(Request::Entry {
+                space,
+                key,
+                value,
+                done: None,
+            })
+            .is_ok()
+    }
+
+    async fn send_entry(
+        &self,
+        space: u8,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        done: Option<oneshot::Sender<Result<u64, StoreError>>>,
+    ) -> Result<(), StoreError> {
+        if let Some(v) = &value {
+            let max = max_record(self.shared.files.segment_bytes);
+            let size = (v.len() + key.len()) as u64;
+            if size > max {
+                return Err(StoreError::TooLarge {
+                    size,
+                    max_bytes: max,
+                });
+            }
+        }
+        self.requests
+            .send_async(Request::Entry {
+                space,
+                key,
+                value,
+                done,
+            })
+            .await
+            .map_err(|_| StoreError::Closed)
+    }
+
+    /// Every entry of `space` (key, value), in key order. Entries that cannot be read back are
+    /// counted as corrupt, logged and left out.
+    pub async fn entries(&self, space: u8) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let shared = self.shared.clone();
+        let (found, damaged) = tokio::task::spawn_blocking(move || {
+            let entries = lock(&shared.entries).clone();
+            read_space(&shared.files, &entries, space)
+        })
+        .await
+        .map_err(|e| StoreError::Read(e.to_string()))?
+        .map_err(|e| StoreError::Read(e.to_string()))?;
+        for key in damaged {
+            tracing::error!(space, key = %String::from_utf8_lossy(&key), "keyed entry is corrupt; dropping it");
+            self.shared.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+            self.entry_nowait(space, key, None).await?;
+        }
+        Ok(found)
     }
 
     /// Every retained message kept, in topic order.

@@ -1,0 +1,362 @@
+//! In-process clients of the router: the downlink (messages from the hub) and the serial ports
+//! publish through a [`LocalPublisher`]; a serial port's command subscription receives through a
+//! [`LocalSubscriber`].
+//!
+//! Both hand messages over at most once (QoS 0), as the relay's own clients did on rumqttd: a
+//! local client is not a network connection, nothing is lost between it and the router, and a
+//! subscriber too slow for its queue loses what does not fit (counted by the router as dropped).
+//!
+//! A local subscriber is a session of its own (clean start, Session Expiry 0) that ends when the
+//! subscriber is dropped, or when another client takes its client id.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+
+use super::message::{Message, Origin, Properties};
+use super::router::{Delivery, Ending, Router, SessionHandle};
+use super::topic::{self, Filter, FilterError, TopicError};
+use super::tree::SubOptions;
+use crate::store::StoreError;
+
+/// How many deliveries a subscriber takes from its queue at a time.
+const BATCH: usize = 64;
+
+/// How long a new local subscriber waits for its session (a fresh session is free at once).
+const ACQUIRE_WAIT: Duration = Duration::from_secs(5);
+
+/// Why a local client cannot publish or subscribe.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("cannot publish to topic {topic:?}: {reason}")]
+    Topic { topic: String, reason: TopicError },
+    #[error("cannot subscribe to topic filter {filter:?}: {reason}")]
+    Filter { filter: String, reason: FilterError },
+    #[error("cannot open the session of local client {client_id:?}: {reason}")]
+    Session {
+        client_id: String,
+        reason: StoreError,
+    },
+    #[error("the session of local client {0:?} is held by another connection")]
+    Busy(String),
+}
+
+/// Publishes into the router directly, at QoS 0, with a fixed origin ([`Origin::Hub`] for the
+/// downlink, so that the export never sends a message back to the hub; [`Origin::Internal`] for
+/// serial ports).
+#[derive(Clone)]
+pub struct LocalPublisher {
+    router: Router,
+    origin: Origin,
+}
+
+impl LocalPublisher {
+    pub fn new(router: &Router, origin: Origin) -> Self {
+        LocalPublisher {
+            router: router.clone(),
+            origin,
+        }
+    }
+
+    /// Routes a message to the matching subscriptions (and keeps it as the topic's retained
+    /// message if `retain`); returns once every matching session's queue has it or dropped it.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        retain: bool,
+    ) -> Result<(), LocalError> {
+        topic::check_topic(topic).map_err(|reason| LocalError::Topic {
+            topic: topic.to_owned(),
+            reason,
+        })?;
+        let msg = Message::new(
+            Arc::from(topic),
+            payload,
+            0,
+            retain,
+            Properties::default(),
+            self.origin,
+        );
+        // QoS 0: no delivery is kept in the store, so there is nothing to wait for.
+        drop(self.router.publish(msg).await);
+        Ok(())
+    }
+}
+
+/// Receives what matches a local client's subscriptions, oldest first.
+pub struct LocalSubscriber {
+    handle: Arc<SessionHandle>,
+    /// Deliveries taken from the queue and not yet returned, newest first (popped from the end).
+    buf: Vec<Delivery>,
+    router: Router,
+    generation: u64,
+    /// Holds the session as its (only) connection.
+    _slot: OwnedSemaphorePermit,
+    /// Cancelled when another client takes the client id.
+    kicked: CancellationToken,
+}
+
+impl std::fmt::Debug for LocalSubscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalSubscriber")
+            .field("client_id", &self.handle.client_id)
+            .field("buffered", &self.buf.len())
+            .finish()
+    }
+}
+
+/// Opens a session for `client_id` (clean start, Session Expiry 0) subscribed at QoS 0 to
+/// `filters`. Retained messages matching them come first, as for any new subscription.
+pub async fn local_subscriber(
+    router: &Router,
+    client_id: &str,
+    filters: &[String],
+) -> Result<LocalSubscriber, LocalError> {
+    let parsed = filters
+        .iter()
+        .map(|f| match Filter::parse(f) {
+            Ok(filter) => Ok((filter, SubOptions::default())),
+            Err(reason) => Err(LocalError::Filter {
+                filter: f.clone(),
+                reason,
+            }),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let session_err = |reason| LocalError::Session {
+        client_id: client_id.to_owned(),
+        reason,
+    };
+    let connected = router
+        .connect(client_id, true, 0)
+        .await
+        .map_err(session_err)?;
+    let Some((slot, kicked)) = connected.handle.acquire(ACQUIRE_WAIT).await else {
+        router
+            .disconnect(
+                &connected.handle,
+                connected.generation,
+                Ending::Normal,
+                None,
+                None,
+                Vec::new(),
+            )
+            .await;
+        return Err(LocalError::Busy(client_id.to_owned()));
+    };
+    // Made before subscribing, so that a failure below ends the session (on drop).
+    let mut sub = LocalSubscriber {
+        handle: connected.handle,
+        buf: Vec::new(),
+        router: router.clone(),
+        generation: connected.generation,
+        _slot: slot,
+        kicked,
+    };
+    let subscribed = router
+        .subscribe(&sub.handle, &parsed)
+        .await
+        .map_err(session_err)?;
+    sub.buf = subscribed.retained;
+    sub.buf.reverse();
+    Ok(sub)
+}
+
+impl LocalSubscriber {
+    /// The next message (topic, payload); `None` once another client took the client id (the
+    /// session is gone). Cancel safe: a message is only taken off when it is returned.
+    pub async fn next(&mut self) -> Option<(String, Bytes)> {
+        loop {
+            if let Some(d) = self.buf.pop() {
+                self.handle.acknowledged(&d);
+                return Some((d.msg.topic.to_string(), d.msg.payload.clone()));
+            }
+            if self.kicked.is_cancelled() {
+                return None;
+            }
+            self.handle.take(BATCH, &mut self.buf);
+            if !self.buf.is_empty() {
+                self.buf.reverse();
+                continue;
+            }
+            tokio::select! {
+                _ = self.handle.notified() => {}
+                _ = self.kicked.cancelled() => return None,
+            }
+        }
+    }
+
+    /// The client id of its session.
+    pub fn client_id(&self) -> &str {
+        &self.handle.client_id
+    }
+}
+
+impl Drop for LocalSubscriber {
+    /// Ends the session, so that the router stops queueing for it.
+    fn drop(&mut self) {
+        let done = self
+            .router
+            .disconnect(
+                &self.handle,
+                self.generation,
+                Ending::Normal,
+                None,
+                None,
+                Vec::new(),
+            )
+            .now_or_never();
+        // The session (Session Expiry 0, no will) is ended under the router's lock at the first
+        // poll; only store writes could wait, and a session that is not persistent has none.
+        if done.is_none() {
+            tracing::debug!(client_id = %self.handle.client_id, "local subscriber ended late");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::router::RouterSettings;
+
+    fn router() -> Router {
+        Router::new(RouterSettings::default(), None)
+    }
+
+    async fn next(sub: &mut LocalSubscriber) -> Option<(String, Bytes)> {
+        tokio::time::timeout(Duration::from_secs(5), sub.next())
+            .await
+            .expect("a message in time")
+    }
+
+    #[tokio::test]
+    async fn a_publisher_reaches_a_subscriber_in_order() {
+        let r = router();
+        let mut sub = local_subscriber(&r, "serial-cmd", &["cmd/+".to_owned(), "all".to_owned()])
+            .await
+            .expect("subscriber");
+        assert_eq!(sub.client_id(), "serial-cmd");
+        let publisher = LocalPublisher::new(&r, Origin::Hub);
+        for (topic, payload) in [("cmd/a", "1"), ("other", "x"), ("all", "2"), ("cmd/b", "3")] {
+            publisher
+                .publish(topic, Bytes::from(payload), false)
+                .await
+                .expect("publish");
+        }
+        for (topic, payload) in [("cmd/a", "1"), ("all", "2"), ("cmd/b", "3")] {
+            let (t, p) = next(&mut sub).await.expect("message");
+            assert_eq!((t.as_str(), &p[..]), (topic, payload.as_bytes()));
+        }
+        assert_eq!(
+            r.stats()
+                .queued_messages
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_waiting_subscriber_wakes_up_for_a_message() {
+        let r = router();
+        let mut sub = local_subscriber(&r, "s", &["t".to_owned()])
+            .await
+            .expect("subscriber");
+        let publisher = LocalPublisher::new(&r, Origin::Internal);
+        let waiter = tokio::spawn(async move { next(&mut sub).await });
+        tokio::task::yield_now().await;
+        publisher
+            .publish("t", Bytes::from_static(b"late"), false)
+            .await
+            .expect("publish");
+        let (t, p) = waiter.await.expect("join").expect("message");
+        assert_eq!((t.as_str(), &p[..]), ("t", &b"late"[..]));
+    }
+
+    #[tokio::test]
+    async fn retained_messages_come_first_and_are_kept_by_the_router() {
+        let r = router();
+        let publisher = LocalPublisher::new(&r, Origin::Internal);
+        publisher
+            .publish("state/a", Bytes::from_static(b"on"), true)
+            .await
+            .expect("publish");
+        let mut sub = local_subscriber(&r, "s", &["state/#".to_owned()])
+            .await
+            .expect("subscriber");
+        publisher
+            .publish("state/b", Bytes::from_static(b"off"), false)
+            .await
+            .expect("publish");
+        assert_eq!(next(&mut sub).await.expect("retained").0, "state/a");
+        assert_eq!(next(&mut sub).await.expect("live").0, "state/b");
+    }
+
+    #[tokio::test]
+    async fn invalid_topics_and_filters_are_refused_by_name() {
+        let r = router();
+        let publisher = LocalPublisher::new(&r, Origin::Hub);
+        let err = publisher
+            .publish("a/+/b", Bytes::new(), false)
+            .await
+            .expect_err("wildcard topic");
+        assert!(matches!(
+            err,
+            LocalError::Topic {
+                reason: TopicError::Wildcard,
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("\"a/+/b\""), "{err}");
+        assert!(publisher.publish("", Bytes::new(), false).await.is_err());
+
+        let err = local_subscriber(&r, "s", &["ok".to_owned(), "a/#/b".to_owned()])
+            .await
+            .expect_err("bad filter");
+        assert!(matches!(err, LocalError::Filter { .. }));
+        assert!(err.to_string().contains("\"a/#/b\""), "{err}");
+        assert_eq!(r.sessions(), 0, "no session is left behind");
+    }
+
+    #[tokio::test]
+    async fn dropping_a_subscriber_ends_its_session() {
+        let r = router();
+        let sub = local_subscriber(&r, "s", &["t".to_owned()])
+            .await
+            .expect("subscriber");
+        assert_eq!(r.sessions(), 1);
+        drop(sub);
+        assert_eq!(r.sessions(), 0);
+        assert_eq!(
+            r.stats()
+                .subscriptions
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        LocalPublisher::new(&r, Origin::Hub)
+            .publish("t", Bytes::from_static(b"x"), false)
+            .await
+            .expect("publish");
+        assert_eq!(
+            r.stats()
+                .queued_messages
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_whose_client_id_is_taken_ends() {
+        let r = router();
+        let mut sub = local_subscriber(&r, "s", &["t".to_owned()])
+            .await
+            .expect("subscriber");
+        let _other = r.connect("s", true, 0).await.expect("connect");
+        assert_eq!(next(&mut sub).await, None);
+        drop(sub);
+        assert_eq!(r.sessions(), 1, "the new session stays");
+    }
+}

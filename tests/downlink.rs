@@ -6,6 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream;
+
 use common::{
     publish_all_v4, read_stream, stream_consumers, stream_state, wait_stream_count, NatsHub, Relay,
     RelayConfig, Subscriber, PREFIX, STREAM,
@@ -24,12 +26,25 @@ async fn probe_until_live(
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut sent = 0;
     loop {
-        js.publish(subject.to_owned(), format!("{prefix}-{sent}").into())
+        let ack = js
+            .publish(subject.to_owned(), format!("{prefix}-{sent}").into())
             .await
             .expect("probe publish")
-            .await
-            .expect("probe puback");
-        sent += 1;
+            .await;
+        match ack {
+            Ok(_) => sent += 1,
+            // The relay creates the stream once its uplink is up; until then nothing is stored
+            // and nothing counts as sent.
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no stream took {subject} within 20 s"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => panic!("probe puback: {e}"),
+        }
         let seen = sub.wait_for(1, Duration::from_millis(250)).await;
         if seen > 0 {
             let got = sub.snapshot();

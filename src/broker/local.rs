@@ -2,9 +2,10 @@
 //! publish through a [`LocalPublisher`]; a serial port's command subscription receives through a
 //! [`LocalSubscriber`].
 //!
-//! Both hand messages over at most once (QoS 0), as the relay's own clients did on rumqttd: a
-//! local client is not a network connection, nothing is lost between it and the router, and a
-//! subscriber too slow for its queue loses what does not fit (counted by the router as dropped).
+//! A local publisher publishes at QoS 1 and waits until the deliveries to persistent sessions
+//! are on flash, so what the downlink acknowledges to the hub is kept for offline devices; a
+//! local subscriber takes its deliveries at QoS 0 (nothing is lost between it and the router; a
+//! subscriber too slow for its queue loses what does not fit, counted by the router as dropped).
 //!
 //! A local subscriber is a session of its own (clean start, Session Expiry 0) that ends when the
 //! subscriber is dropped, or when another client takes its client id.
@@ -45,7 +46,7 @@ pub enum LocalError {
     Busy(String),
 }
 
-/// Publishes into the router directly, at QoS 0, with a fixed origin ([`Origin::Hub`] for the
+/// Publishes into the router directly, at QoS 1, with a fixed origin ([`Origin::Hub`] for the
 /// downlink, so that the export never sends a message back to the hub; [`Origin::Internal`] for
 /// serial ports).
 #[derive(Clone)]
@@ -74,16 +75,22 @@ impl LocalPublisher {
             topic: topic.to_owned(),
             reason,
         })?;
+        // QoS 1, as an MQTT client publishing what it must not lose: subscribers get it at
+        // their subscription's QoS (up to 1), and returning waits until the deliveries to
+        // persistent sessions are on flash (the downlink acknowledges the hub only then).
         let msg = Message::new(
             Arc::from(topic),
             payload,
-            0,
+            1,
             retain,
             Properties::default(),
             self.origin,
         );
-        // QoS 0: no delivery is kept in the store, so there is nothing to wait for.
-        drop(self.router.publish(msg).await);
+        for ticket in self.router.publish(msg).await {
+            // A delivery the store could not keep is counted by the router; the message was
+            // still routed.
+            let _ = ticket.durable().await;
+        }
         Ok(())
     }
 }

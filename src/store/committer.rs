@@ -132,6 +132,8 @@ pub(super) struct Inner {
     writer: Writer,
     segments: Segments,
     window: Duration,
+    /// A commit is made once no append came for this long (within the window).
+    gap: Duration,
     max_records: usize,
     max_bytes: u64,
     max_record: u64,
@@ -198,6 +200,7 @@ impl Inner {
             writer: parts.writer,
             segments: parts.segments,
             window: Duration::from_micros(config.commit_window_us),
+            gap: Duration::from_micros(config.commit_gap_us.min(config.commit_window_us)),
             max_records: config.commit_max_records,
             max_bytes: config.max_bytes,
             max_record: super::max_record(segment),
@@ -238,11 +241,14 @@ impl Inner {
             add(&mut batch, first);
             let deadline = Instant::now() + self.window;
             while batch.durable_len() < self.max_records {
-                // Deletes alone need not wait for company; appends wait out the window.
+                // Deletes alone need not wait for company; appends wait out the window, or
+                // until appends stop coming for the gap (a pipelining client's burst has all
+                // arrived: waiting longer only delays its acknowledgements).
                 let next = if batch.durable_len() == 0 {
                     self.requests.try_recv().ok()
                 } else {
-                    self.requests.recv_deadline(deadline).ok()
+                    let until = deadline.min(Instant::now() + self.gap);
+                    self.requests.recv_deadline(until).ok()
                 };
                 match next {
                     Some(r) => add(&mut batch, r),

@@ -1,4 +1,4 @@
-//! MQTT 3.1.1 conformance of the relay as a whole (gate + rumqttd), one test per behaviour.
+//! MQTT 3.1.1 conformance of the relay as a whole (gate + broker core), one test per behaviour.
 //!
 //! Each test starts the real `relaybox` binary and talks to it over real TCP sockets on
 //! 127.0.0.1: rumqttc (3.1.1) where it can say what the test needs, the Mosquitto command-line
@@ -413,6 +413,52 @@ async fn mosquitto_clients_publish_and_subscribe_at_qos_0_1_2() {
     assert!(status.success(), "mosquitto_sub: {status}");
 }
 
+/// [MQTT-3.8.4-6]: a message is delivered at the minimum of the QoS it was published with and
+/// the maximum QoS granted to the subscription, for every pair of the two; one delivery each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_qos_is_the_minimum_of_published_and_granted_qos() {
+    const LEVELS: [QoS; 3] = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce];
+    let relay = Relay::start(RelayConfig::new("conf-qosmin")).await;
+    let port = relay.port();
+    let mut sub = Client::start(port, "qosmin-sub").await;
+    for granted in LEVELS {
+        assert_eq!(
+            sub.subscribe(&format!("qosmin/s{}", granted as u8), granted)
+                .await,
+            [SubscribeReasonCode::Success(granted)]
+        );
+    }
+    let mut publisher = Client::start(port, "qosmin-pub").await;
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    for published in LEVELS {
+        for granted in LEVELS {
+            let payload = format!("p{}s{}", published as u8, granted as u8);
+            publisher
+                .publish(
+                    &format!("qosmin/s{}", granted as u8),
+                    published,
+                    false,
+                    payload.as_bytes(),
+                )
+                .await;
+            let m = sub.next_publish(REPLY).await;
+            got.push(m.map(|m| (String::from_utf8_lossy(&m.payload).into_owned(), m.qos)));
+            let min = if published < granted {
+                published
+            } else {
+                granted
+            };
+            want.push(Some((payload, min)));
+        }
+    }
+    assert_eq!(
+        got, want,
+        "(payload, delivered QoS) for each (published, granted): the minimum [MQTT-3.8.4-6]"
+    );
+    let more = sub.publishes_within(QUIET).await;
+    assert!(more.is_empty(), "one delivery per publish: {more:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Retained messages
 // ---------------------------------------------------------------------------------------------
@@ -457,6 +503,62 @@ async fn retained_message_is_set_replaced_and_cleared() {
         .await;
     let got = retained_for_new_subscriber(port, "retain-s3").await;
     assert!(got.is_empty(), "after clear, nothing retained: {got:?}");
+}
+
+/// [MQTT-3.3.1-12]: a PUBLISH with RETAIN 0 neither stores, removes nor replaces the retained
+/// message — an empty one included (only an empty *retained* publish clears it,
+/// [MQTT-3.3.1-10]). Current subscribers get every publish, with RETAIN 0 [MQTT-3.3.1-9].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_non_retained_publish_leaves_the_retained_message_alone() {
+    let relay = Relay::start(RelayConfig::new("conf-keepretained")).await;
+    let port = relay.port();
+    let summary = |ps: &[Publish]| -> Vec<(Vec<u8>, bool)> {
+        ps.iter().map(|p| (p.payload.to_vec(), p.retain)).collect()
+    };
+    let mut live = Client::start(port, "keepret-live").await;
+    assert_eq!(
+        live.subscribe("keepret/t", QoS::AtLeastOnce).await,
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    let mut publisher = Client::start(port, "keepret-pub").await;
+    publisher
+        .publish("keepret/t", QoS::AtLeastOnce, true, b"keep")
+        .await;
+    publisher
+        .publish("keepret/t", QoS::AtLeastOnce, false, b"")
+        .await;
+    publisher
+        .publish("keepret/t", QoS::AtMostOnce, false, b"")
+        .await;
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        match live.next_publish(REPLY).await {
+            Some(p) => got.push(p),
+            None => break,
+        }
+    }
+    assert_eq!(
+        summary(&got),
+        [
+            (b"keep".to_vec(), false),
+            (Vec::new(), false),
+            (Vec::new(), false)
+        ],
+        "(payload, RETAIN) of the live deliveries"
+    );
+
+    let mut new = Client::start(port, "keepret-new").await;
+    assert_eq!(
+        new.subscribe("keepret/t", QoS::AtLeastOnce).await,
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    let got = new.publishes_within(Duration::from_millis(1000)).await;
+    assert_eq!(
+        summary(&got),
+        [(b"keep".to_vec(), true)],
+        "a new subscriber after the empty non-retained publishes still gets the retained \
+         message [MQTT-3.3.1-12]"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -852,6 +954,48 @@ async fn dollar_topics_are_not_matched_by_leading_wildcards() {
     );
 }
 
+/// §4.7.2: a topic starting with '$' is delivered to a filter that names its first level,
+/// exactly (`$foo/bar`) or with wildcards after it (`$foo/+`, `$foo/#`). (Under rumqttd the
+/// gate refused such filters with SUBACK 0x80; the specification grants them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dollar_topics_are_delivered_to_subscriptions_that_name_them() {
+    let relay = Relay::start(RelayConfig::new("conf-dollar-named")).await;
+    let port = relay.port();
+    // (filter, the topics it must get)
+    let cases: [(&str, &[&str]); 3] = [
+        ("$foo/bar", &["$foo/bar"]),
+        ("$foo/+", &["$foo/bar"]),
+        ("$foo/#", &["$foo/bar", "$foo/baz/deep"]),
+    ];
+    let mut subs = Vec::new();
+    for (i, (filter, _)) in cases.iter().enumerate() {
+        let mut c = Client::start(port, &format!("dollar-named-{i}")).await;
+        assert_eq!(
+            c.subscribe(filter, QoS::AtLeastOnce).await,
+            [SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+            "SUBACK for {filter}: granted [MQTT-3.8.4-1]"
+        );
+        subs.push(c);
+    }
+    let mut publisher = Client::start(port, "dollar-named-pub").await;
+    for topic in ["$foo/bar", "$foo/baz/deep"] {
+        publisher
+            .publish(topic, QoS::AtLeastOnce, false, topic.as_bytes())
+            .await;
+    }
+    for ((filter, want), c) in cases.iter().zip(&mut subs) {
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            match c.next_publish(REPLY).await {
+                Some(p) => got.push(p.topic),
+                None => break,
+            }
+        }
+        got.extend(c.publishes_within(QUIET).await.into_iter().map(|p| p.topic));
+        assert_eq!(&got, want, "topics delivered to {filter}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 11. Unsubscribe
 // ---------------------------------------------------------------------------------------------
@@ -955,4 +1099,204 @@ async fn will_is_published_on_abnormal_disconnect_only() {
         more.is_empty(),
         "no will after a clean DISCONNECT: {more:?}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. $SYS statistics
+// ---------------------------------------------------------------------------------------------
+
+/// Topics among the broker's statistics that Mosquitto publishes too and tools read.
+const SYS_TOPICS: [&str; 4] = [
+    "$SYS/broker/version",
+    "$SYS/broker/uptime",
+    "$SYS/broker/clients/connected",
+    "$SYS/broker/messages/received",
+];
+
+/// Like Mosquitto, the broker publishes statistics under `$SYS/broker/` as retained messages,
+/// again every round (10 s): a new `$SYS/broker/#` subscriber gets them at once with RETAIN
+/// set [MQTT-3.3.1-8], then live ones; a `#` subscriber gets none of them, neither the
+/// retained nor the live ones [MQTT-4.7.2-1].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sys_broker_statistics_are_published_like_mosquitto() {
+    const WITHIN: Duration = Duration::from_secs(15);
+    let relay = Relay::start(RelayConfig::new("conf-sys")).await;
+    let port = relay.port();
+    let mut hash = Client::start(port, "sys-hash").await;
+    assert_eq!(
+        hash.subscribe("#", QoS::AtMostOnce).await,
+        [SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
+    let mut sys = Client::start(port, "sys-sub").await;
+    assert_eq!(
+        sys.subscribe("$SYS/broker/#", QoS::AtMostOnce).await,
+        [SubscribeReasonCode::Success(QoS::AtMostOnce)]
+    );
+    let start = Instant::now();
+    let mut retained: std::collections::BTreeMap<String, String> = Default::default();
+    let mut live: std::collections::BTreeMap<String, String> = Default::default();
+    // Every statistic retained, and a live round (uptime changes every round).
+    while !(SYS_TOPICS.iter().all(|t| retained.contains_key(*t))
+        && live.contains_key("$SYS/broker/uptime"))
+    {
+        let left = WITHIN.saturating_sub(start.elapsed());
+        let Some(p) = sys.next_publish(left).await else {
+            break;
+        };
+        assert!(
+            p.topic.starts_with("$SYS/broker/"),
+            "$SYS/broker/# got {}",
+            p.topic
+        );
+        let value = String::from_utf8_lossy(&p.payload).into_owned();
+        if p.retain {
+            retained.insert(p.topic, value);
+        } else {
+            live.insert(p.topic, value);
+        }
+    }
+    // The rest of a live round.
+    for p in sys.publishes_within(QUIET).await {
+        if !p.retain {
+            live.insert(p.topic, String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    let missing: Vec<&str> = SYS_TOPICS
+        .iter()
+        .copied()
+        .filter(|t| !retained.contains_key(*t))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "retained statistics missing within {WITHIN:?}: {missing:?}; retained: {retained:?}"
+    );
+    assert!(
+        live.contains_key("$SYS/broker/uptime"),
+        "no live round of statistics within {WITHIN:?}; live: {live:?}"
+    );
+    let uptime = &live["$SYS/broker/uptime"];
+    assert!(
+        uptime
+            .strip_suffix(" seconds")
+            .is_some_and(|n| n.parse::<u64>().is_ok()),
+        "uptime as Mosquitto writes it (\"<n> seconds\"): {uptime:?}"
+    );
+    assert!(
+        !retained["$SYS/broker/version"].is_empty(),
+        "an empty version"
+    );
+    for t in [
+        "$SYS/broker/clients/connected",
+        "$SYS/broker/messages/received",
+    ] {
+        let v = live.get(t).unwrap_or(&retained[t]);
+        assert!(v.parse::<u64>().is_ok(), "{t}: {v:?} is not a count");
+    }
+    let connected: u64 = live
+        .get("$SYS/broker/clients/connected")
+        .unwrap_or(&retained["$SYS/broker/clients/connected"])
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        connected >= 2,
+        "clients/connected {connected} with the two test clients connected"
+    );
+
+    // The '#' subscriber: served, but never a '$SYS' message.
+    let mut publisher = Client::start(port, "sys-pub").await;
+    publisher
+        .publish("sys/marker", QoS::AtLeastOnce, false, b"marker")
+        .await;
+    let mut got = Vec::new();
+    while let Some(p) = hash.next_publish(REPLY).await {
+        let marker = p.topic == "sys/marker";
+        got.push(p.topic);
+        if marker {
+            break;
+        }
+    }
+    assert!(
+        got.iter().all(|t| !t.starts_with('$')),
+        "'#' got $SYS messages [MQTT-4.7.2-1]: {got:?}"
+    );
+    assert_eq!(
+        got.last().map(String::as_str),
+        Some("sys/marker"),
+        "the '#' subscriber is served"
+    );
+}
+
+/// Runs `mosquitto_sub` against the relay with `args` and returns its exit status and output
+/// lines (killed after `timeout`).
+async fn mosquitto_sub(
+    port: u16,
+    args: &[&str],
+    timeout: Duration,
+) -> (std::process::ExitStatus, Vec<String>) {
+    let mut child = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn mosquitto_sub");
+    let mut lines = lines_of(child.stdout.take().expect("stdout"));
+    let mut child = Killed(child);
+    let status = wait_exit(&mut child.0, timeout)
+        .await
+        .unwrap_or_else(|| panic!("mosquitto_sub {args:?} did not exit within {timeout:?}"));
+    let mut out = Vec::new();
+    while let Some(line) = lines.recv().await {
+        out.push(line);
+    }
+    (status, out)
+}
+
+/// The statistics read by a Mosquitto client: `mosquitto_sub -v -t '$SYS/broker/#' -C 4 -W 15`
+/// prints four `$SYS/broker/…` messages and exits 0, and with the four topics of
+/// [`SYS_TOPICS`] named it gets each of them, retained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_sub_reads_the_sys_broker_statistics() {
+    let relay = Relay::start(RelayConfig::new("conf-sys-mosq")).await;
+    let port = relay.port();
+    let (status, lines) = mosquitto_sub(
+        port,
+        &[
+            "-i",
+            "sys-mosq",
+            "-v",
+            "-t",
+            "$SYS/broker/#",
+            "-C",
+            "4",
+            "-W",
+            "15",
+        ],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert!(
+        status.success(),
+        "mosquitto_sub -t '$SYS/broker/#' -C 4 -W 15: {status}, printed {lines:?}"
+    );
+    assert_eq!(lines.len(), 4, "four messages: {lines:?}");
+    for line in &lines {
+        let (topic, value) = line.split_once(' ').unwrap_or((line, ""));
+        assert!(
+            topic.starts_with("$SYS/broker/") && !value.is_empty(),
+            "a '<$SYS/broker/… topic> <value>' line: {line:?}"
+        );
+    }
+
+    let mut args = vec!["-i", "sys-mosq-4", "-F", "%r %t", "-C", "4", "-W", "15"];
+    for t in SYS_TOPICS {
+        args.extend(["-t", t]);
+    }
+    let (status, mut lines) = mosquitto_sub(port, &args, Duration::from_secs(20)).await;
+    assert!(status.success(), "mosquitto_sub {args:?}: {status}");
+    lines.sort();
+    let mut want: Vec<String> = SYS_TOPICS.iter().map(|t| format!("1 {t}")).collect();
+    want.sort();
+    assert_eq!(lines, want, "(RETAIN, topic) of each statistic");
 }

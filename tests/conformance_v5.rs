@@ -1,4 +1,4 @@
-//! MQTT 5 conformance of the relay as a whole (the gate in front of rumqttd's router), one test
+//! MQTT 5 conformance of the relay as a whole (the gate in front of the broker core), one test
 //! per behaviour of the OASIS MQTT 5.0 specification, each against the real `relaybox` binary
 //! on 127.0.0.1.
 //!
@@ -345,7 +345,13 @@ fn packet(first: u8, body: &[u8]) -> Vec<u8> {
 // Packets
 // ---------------------------------------------------------------------------------------------
 
-/// Subscribe option bits (MQTT 5 §3.8.3.1).
+/// Subscribe option bits (MQTT 5 §3.8.3.1); the low two bits are the maximum QoS.
+mod opt {
+    pub const NO_LOCAL: u8 = 0x04;
+    pub const RETAIN_AS_PUBLISHED: u8 = 0x08;
+    pub const RETAIN_HANDLING_1: u8 = 0x10;
+    pub const RETAIN_HANDLING_2: u8 = 0x20;
+}
 
 #[derive(Debug, Clone)]
 struct Will {
@@ -1008,6 +1014,121 @@ async fn rumqttc_publish(
 // 1. Session Expiry Interval (§3.1.2.11.2, §4.1)
 // ---------------------------------------------------------------------------------------------
 
+/// §3.1.2.11.2: a Session Expiry Interval of 0 (or none) ends the session when the network
+/// connection closes, by DISCONNECT or broken off: a reconnect without clean start finds no
+/// session (CONNACK session present 0 [MQTT-3.2.2-3]), no subscription and no message published
+/// meanwhile. An interval of N seconds keeps the session N seconds after the close
+/// [MQTT-3.1.2-23]: a reconnect within them resumes it (session present 1, the QoS 1 message
+/// published meanwhile, the subscription); one after them finds nothing.
+#[tokio::test]
+async fn session_expiry_zero_ends_the_session_at_close_and_n_keeps_it_n_seconds() {
+    let relay = relay("v5-session-expiry").await;
+    let port = relay.port();
+    let mut c = Checks::new("session expiry");
+    let mut p = client(port, "se-pub").await;
+
+    for (how, id, topic) in [
+        ("DISCONNECT", "se0-polite", "se0/polite"),
+        ("a broken connection", "se0-broken", "se0/broken"),
+    ] {
+        // No Session Expiry Interval property: 0.
+        let (mut s, _) = Mqtt::connect(port, &Conn::new(id)).await;
+        s.subscribe(&[(topic, 1)]).await;
+        if how == "DISCONNECT" {
+            s.disconnect().await;
+        } else {
+            drop(s);
+        }
+        // Let the relay see the close before publishing.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        p.publish_ok(topic, b"while away", 1, false).await;
+        let (mut s, ack) = Mqtt::connect(port, &Conn::new(id).clean(false)).await;
+        c.check(
+            !ack.session_present,
+            format!(
+                "expiry 0, after {how}: a reconnect without clean start got session present 1; \
+                 the session must have ended with the connection [§3.1.2.11.2]"
+            ),
+        );
+        p.publish_ok(topic, b"after", 1, false).await;
+        let got = s.publishes_for(QUIET).await;
+        c.check(
+            got.is_empty(),
+            format!(
+                "expiry 0, after {how}: the ended session's queued message and subscription \
+                 must be gone, got {:?}",
+                texts(&got)
+            ),
+        );
+        s.disconnect().await;
+    }
+
+    const N: u32 = 2;
+    let conn = |clean: bool| {
+        Conn::new("seN")
+            .clean(clean)
+            .props(Props::new().u32(prop::SESSION_EXPIRY, N))
+    };
+    let (mut s, ack) = Mqtt::connect(port, &conn(true)).await;
+    c.check(
+        !ack.session_present,
+        "clean start: CONNACK session present must be 0 [MQTT-3.2.2-2]",
+    );
+    s.subscribe(&[("seN/t", 1)]).await;
+    s.disconnect().await;
+    p.publish_ok("seN/t", b"kept", 1, false).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (mut s, ack) = Mqtt::connect(port, &conn(false)).await;
+    c.check(
+        ack.session_present,
+        format!("expiry {N} s, reconnect after 1.2 s: session present must be 1 [MQTT-3.1.2-23]"),
+    );
+    let got = s.collect(1, WAIT).await;
+    c.check(
+        texts(&got) == ["kept"],
+        format!(
+            "expiry {N} s: the QoS 1 message published while away must be delivered on resume \
+             [MQTT-3.1.2-23], got {:?}",
+            texts(&got)
+        ),
+    );
+    p.publish_ok("seN/t", b"live", 1, false).await;
+    let got = s.collect(1, WAIT).await;
+    c.check(
+        texts(&got) == ["live"],
+        format!(
+            "expiry {N} s: the resumed session's subscription must still deliver, got {:?}",
+            texts(&got)
+        ),
+    );
+    // Broken off this time: the interval counts from the close all the same.
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.publish_ok("seN/t", b"expires with the session", 1, false)
+        .await;
+    tokio::time::sleep(Duration::from_secs(u64::from(N) + 2)).await;
+    let (mut s, ack) = Mqtt::connect(port, &conn(false)).await;
+    c.check(
+        !ack.session_present,
+        format!(
+            "expiry {N} s, reconnect {} s after the close: the session must have expired \
+             (session present 0)",
+            N + 2
+        ),
+    );
+    p.publish_ok("seN/t", b"after expiry", 1, false).await;
+    let got = s.publishes_for(QUIET).await;
+    c.check(
+        got.is_empty(),
+        format!(
+            "expired session: neither its queued message nor its subscription may remain, got \
+             {:?}",
+            texts(&got)
+        ),
+    );
+    c.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. User Properties (§3.3.2.3.7)
 // ---------------------------------------------------------------------------------------------
@@ -1254,13 +1375,168 @@ async fn message_expiry_drops_expired_messages_and_forwards_the_remaining_interv
 // 5. No Local (§3.8.3.1)
 // ---------------------------------------------------------------------------------------------
 
+/// [MQTT-3.8.3-3]: with No Local, a client's own publishes are not sent back to it on that
+/// subscription; other clients' publishes are, and other subscribers get its publishes.
+#[tokio::test]
+async fn no_local_keeps_a_client_s_own_publishes_from_it() {
+    let relay = relay("v5-no-local").await;
+    let port = relay.port();
+    let mut c = Checks::new("no local");
+    let mut a = client(port, "nl-a").await;
+    a.subscribe(&[("nl/t", 1 | opt::NO_LOCAL)]).await;
+    let mut observer = subscriber(port, "nl-observer", &[("nl/t", 1)]).await;
+    let mut b = client(port, "nl-b").await;
+    a.publish_ok("nl/t", b"mine", 1, false).await;
+    b.publish_ok("nl/t", b"theirs", 1, false).await;
+    let seen = observer.collect(2, WAIT).await;
+    c.check(
+        texts(&seen) == ["mine", "theirs"],
+        format!(
+            "a subscriber without No Local gets both publishes, got {:?}",
+            texts(&seen)
+        ),
+    );
+    let got = a.collect(1, WAIT).await;
+    c.check(
+        texts(&got) == ["theirs"],
+        format!(
+            "No Local: the subscriber must get only the other client's message, not its own \
+             [MQTT-3.8.3-3], got {:?}",
+            texts(&got)
+        ),
+    );
+    c.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Retain As Published (§3.8.3.1, §3.3.1.3)
 // ---------------------------------------------------------------------------------------------
 
+/// [MQTT-3.3.1-12/13]: on a live delivery the RETAIN flag is 0 unless the subscription has
+/// Retain As Published, which keeps the flag the message was published with. A retained message
+/// sent because of a new subscription has RETAIN 1 whatever the option [MQTT-3.3.1-8 §3.3.1.3].
+#[tokio::test]
+async fn retain_as_published_keeps_the_retain_flag_on_live_deliveries() {
+    let relay = relay("v5-rap").await;
+    let port = relay.port();
+    let mut c = Checks::new("retain as published");
+    let summary = |ps: &[Publish]| -> Vec<(String, bool)> {
+        ps.iter().map(|m| (m.text(), m.retain)).collect()
+    };
+    let mut rap1 = subscriber(port, "rap-1", &[("rap/t", 1 | opt::RETAIN_AS_PUBLISHED)]).await;
+    let mut rap0 = subscriber(port, "rap-0", &[("rap/t", 1)]).await;
+    let mut p = client(port, "rap-pub").await;
+    p.publish_ok("rap/t", b"r", 1, true).await;
+    p.publish_ok("rap/t", b"n", 1, false).await;
+    let got = rap1.collect(2, WAIT).await;
+    c.check(
+        summary(&got) == [("r".to_owned(), true), ("n".to_owned(), false)],
+        format!(
+            "Retain As Published 1: live deliveries keep their RETAIN flag [MQTT-3.3.1-13], \
+             got {:?}",
+            summary(&got)
+        ),
+    );
+    let got = rap0.collect(2, WAIT).await;
+    c.check(
+        summary(&got) == [("r".to_owned(), false), ("n".to_owned(), false)],
+        format!(
+            "Retain As Published 0: live deliveries have RETAIN 0 [MQTT-3.3.1-12], got {:?}",
+            summary(&got)
+        ),
+    );
+    for (id, opts) in [
+        ("rap-new-0", 1),
+        ("rap-new-1", 1 | opt::RETAIN_AS_PUBLISHED),
+    ] {
+        let mut s = subscriber(port, id, &[("rap/t", opts)]).await;
+        let got = s.collect(1, WAIT).await;
+        c.check(
+            summary(&got) == [("r".to_owned(), true)],
+            format!(
+                "{id}: the retained message sent for a new subscription has RETAIN 1, got {:?}",
+                summary(&got)
+            ),
+        );
+    }
+    c.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 7. Retain Handling (§3.8.3.1, §3.3.1.3)
 // ---------------------------------------------------------------------------------------------
+
+/// [MQTT-3.3.1-9/10/11]: Retain Handling 0 sends the retained messages at every subscribe,
+/// 1 only when the subscription did not exist yet, 2 never; the subscriptions themselves work
+/// alike.
+#[tokio::test]
+async fn retain_handling_0_1_2_decides_when_retained_messages_are_sent() {
+    let relay = relay("v5-retain-handling").await;
+    let port = relay.port();
+    let mut c = Checks::new("retain handling");
+    let summary = |ps: &[Publish]| -> Vec<(String, bool)> {
+        ps.iter().map(|m| (m.text(), m.retain)).collect()
+    };
+    let retained = || vec![("R".to_owned(), true)];
+    let mut p = client(port, "rh-pub").await;
+    p.publish_ok("rh/t", b"R", 1, true).await;
+
+    // (id, options, what the first subscribe brings, what the same subscribe again brings)
+    let cases = [
+        ("rh-0", 1, retained(), retained(), "[MQTT-3.3.1-9]"),
+        (
+            "rh-1",
+            1 | opt::RETAIN_HANDLING_1,
+            retained(),
+            vec![],
+            "[MQTT-3.3.1-10]",
+        ),
+        (
+            "rh-2",
+            1 | opt::RETAIN_HANDLING_2,
+            vec![],
+            vec![],
+            "[MQTT-3.3.1-11]",
+        ),
+    ];
+    let mut subs = Vec::new();
+    for (id, opts, first, again, rule) in cases {
+        let handling = opts >> 4;
+        let mut s = client(port, id).await;
+        s.subscribe(&[("rh/t", opts)]).await;
+        let got = s.publishes_for(QUIET).await;
+        c.check(
+            summary(&got) == first,
+            format!(
+                "Retain Handling {handling}, new subscription: want {first:?}, got {:?} {rule}",
+                summary(&got)
+            ),
+        );
+        s.subscribe(&[("rh/t", opts)]).await;
+        let got = s.publishes_for(QUIET).await;
+        c.check(
+            summary(&got) == again,
+            format!(
+                "Retain Handling {handling}, the same subscription again: want {again:?}, got \
+                 {:?} {rule}",
+                summary(&got)
+            ),
+        );
+        subs.push((handling, s));
+    }
+    p.publish_ok("rh/t", b"L", 1, false).await;
+    for (handling, s) in &mut subs {
+        let got = s.collect(1, WAIT).await;
+        c.check(
+            summary(&got) == [("L".to_owned(), false)],
+            format!(
+                "Retain Handling {handling}: one live delivery, got {:?}",
+                summary(&got)
+            ),
+        );
+    }
+    c.finish();
+}
 
 // ---------------------------------------------------------------------------------------------
 // 8. Subscription Identifiers (§3.8.2.1.2, §3.3.2.3.8)
@@ -2283,9 +2559,93 @@ async fn zero_limits_in_a_connect_are_refused_as_protocol_errors() {
 // 19. QoS 0/1/2 and the delivered QoS (§4.3, §3.8.4)
 // ---------------------------------------------------------------------------------------------
 
+/// [MQTT-3.8.4-8]: a message is delivered at the minimum of the QoS it was published with and
+/// the maximum QoS granted to the subscription, for every pair of the two; one delivery each.
+#[tokio::test]
+async fn delivered_qos_is_the_minimum_of_published_and_granted_qos() {
+    let relay = relay("v5-qos-min").await;
+    let port = relay.port();
+    let mut c = Checks::new("delivered QoS");
+    let mut s = client(port, "qm-sub").await;
+    for granted in 0u8..=2 {
+        s.subscribe(&[(format!("qm/s{granted}").as_str(), granted)])
+            .await;
+    }
+    let mut p = client(port, "qm-pub").await;
+    for published in 0u8..=2 {
+        for granted in 0u8..=2 {
+            let payload = format!("p{published}s{granted}");
+            p.publish_ok(
+                &format!("qm/s{granted}"),
+                payload.as_bytes(),
+                published,
+                false,
+            )
+            .await;
+            let want = published.min(granted);
+            match s.next_publish(WAIT).await {
+                Some(m) => {
+                    c.check(
+                        m.text() == payload && m.qos == want,
+                        format!(
+                            "published at QoS {published} to a QoS {granted} subscription: \
+                             got {:?} at QoS {}, want QoS {want} [MQTT-3.8.4-8]",
+                            m.text(),
+                            m.qos
+                        ),
+                    );
+                }
+                None => {
+                    c.check(false, format!("{payload}: not delivered"));
+                }
+            }
+        }
+    }
+    let more = s.publishes_for(QUIET).await;
+    c.check(
+        more.is_empty(),
+        format!("one delivery per publish, more came: {:?}", texts(&more)),
+    );
+    c.finish();
+}
+
 // ---------------------------------------------------------------------------------------------
 // 20. Retained messages (§3.3.1.3)
 // ---------------------------------------------------------------------------------------------
+
+/// [MQTT-3.3.1-8]: a PUBLISH with RETAIN 0 neither stores, removes nor replaces the retained
+/// message — an empty one included (only an empty *retained* publish clears it). Current
+/// subscribers get the empty publishes.
+#[tokio::test]
+async fn an_empty_non_retained_publish_leaves_the_retained_message_alone() {
+    let relay = relay("v5-empty-nonretained").await;
+    let port = relay.port();
+    let mut c = Checks::new("empty non-retained publish");
+    let mut live = subscriber(port, "ek-live", &[("ek/t", 1)]).await;
+    let mut p = client(port, "ek-pub").await;
+    p.publish_ok("ek/t", b"keep", 1, true).await;
+    p.publish_ok("ek/t", b"", 1, false).await;
+    p.publish_ok("ek/t", b"", 0, false).await;
+    let got = live.collect(3, WAIT).await;
+    c.check(
+        texts(&got) == ["keep", "", ""],
+        format!(
+            "the live subscriber gets every publish, the empty ones too: {:?}",
+            texts(&got)
+        ),
+    );
+    let mut new = subscriber(port, "ek-new", &[("ek/t", 1)]).await;
+    let got = new.collect(1, WAIT).await;
+    let seen: Vec<(String, bool)> = got.iter().map(|m| (m.text(), m.retain)).collect();
+    c.check(
+        seen == [("keep".to_owned(), true)],
+        format!(
+            "after empty non-retained publishes a new subscriber still gets the retained \
+             message [MQTT-3.3.1-8], got {seen:?}"
+        ),
+    );
+    c.finish();
+}
 
 // ---------------------------------------------------------------------------------------------
 // 21. Will message (§3.1.2.5, §3.14.2.1)
@@ -2356,8 +2716,8 @@ async fn dollar_topics_are_not_matched_by_wildcards_at_the_first_level() {
 }
 
 /// [MQTT-3.3.1-5/6/10]: a retained message is set, replaced, and cleared by an empty retained
-/// publish, which current subscribers still receive. (That an empty NON-retained publish leaves
-/// the retained message alone [MQTT-3.3.1-7] is blocked on the router: docs/CONFORMANCE.md.)
+/// publish, which current subscribers still receive. (An empty non-retained publish leaves the
+/// retained message alone: `an_empty_non_retained_publish_leaves_the_retained_message_alone`.)
 #[tokio::test]
 async fn retained_message_set_replace_and_clear() {
     let relay = relay("v5-retained").await;
@@ -2404,9 +2764,8 @@ async fn retained_message_set_replace_and_clear() {
     c.finish();
 }
 
-/// §4.3: each QoS flow completes, publisher to subscriber, at the QoS both asked for. (That a
-/// subscription of a higher QoS gets min(publish QoS, subscription QoS) [MQTT-3.8.4-8] is blocked
-/// on the router: docs/CONFORMANCE.md.)
+/// §4.3: each QoS flow completes, publisher to subscriber, at the QoS both asked for. (Other
+/// pairs: `delivered_qos_is_the_minimum_of_published_and_granted_qos`.)
 #[tokio::test]
 async fn qos_0_1_2_flows_complete() {
     let relay = relay("v5-qos").await;
@@ -2442,5 +2801,40 @@ async fn qos_0_1_2_flows_complete() {
             );
         }
     }
+    c.finish();
+}
+
+/// A CONNECT naming an Authentication Method the relay does not offer (it offers no enhanced
+/// authentication) gets CONNACK 0x8C "bad authentication method" with a reason string, and the
+/// connection is closed [MQTT-3.1.2.11.9, 4.12]; the relay goes on serving.
+#[tokio::test]
+async fn an_authentication_method_the_relay_does_not_offer_is_refused_with_0x8c() {
+    let relay = relay("v5-auth-method").await;
+    let port = relay.port();
+    let mut c = Checks::new("authentication method");
+    let conn = Conn::new("auth-method").props(Props::new().str(0x15, "SCRAM-SHA-256"));
+    let (mut m, ack) = Mqtt::try_connect(port, &conn).await;
+    match ack {
+        Some(ack) => {
+            c.check(
+                ack.reason == 0x8c,
+                format!("CONNACK 0x{:02x}, want 0x8c", ack.reason),
+            );
+            c.check(
+                ack.props.str_of(prop::REASON_STRING).is_some(),
+                "no reason string",
+            );
+            let (closed, _) = m.closed_within(WAIT).await;
+            c.check(closed, "connection not closed");
+        }
+        None => {
+            c.check(false, format!("no CONNACK (closed {})", m.closed));
+        }
+    }
+    let (_m, ack) = Mqtt::try_connect(port, &Conn::new("auth-method-after")).await;
+    c.check(
+        ack.is_some_and(|a| a.reason == 0),
+        "a plain CONNECT afterwards is not accepted",
+    );
     c.finish();
 }

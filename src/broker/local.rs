@@ -2,8 +2,9 @@
 //! publish through a [`LocalPublisher`]; a serial port's command subscription receives through a
 //! [`LocalSubscriber`].
 //!
-//! A local publisher publishes at QoS 1 and waits until the deliveries to persistent sessions
-//! are on flash, so what the downlink acknowledges to the hub is kept for offline devices; a
+//! A local publisher publishes at QoS 1 (the downlink) and waits until the deliveries to
+//! persistent sessions are on flash, so what the downlink acknowledges to the hub is kept for
+//! offline devices; serial ports publish at QoS 0, as fast as the device sends; a
 //! local subscriber takes its deliveries at QoS 0 (nothing is lost between it and the router; a
 //! subscriber too slow for its queue loses what does not fit, counted by the router as dropped).
 //!
@@ -53,14 +54,25 @@ pub enum LocalError {
 pub struct LocalPublisher {
     router: Router,
     origin: Origin,
+    qos: u8,
 }
 
 impl LocalPublisher {
+    /// A publisher at QoS 1 (see [`LocalPublisher::at_qos`]).
     pub fn new(router: &Router, origin: Origin) -> Self {
         LocalPublisher {
             router: router.clone(),
             origin,
+            qos: 1,
         }
+    }
+
+    /// The same publisher at `qos` (0 or 1): at QoS 0, subscribers get the messages at QoS 0
+    /// and nothing is kept on flash for persistent sessions — for sources that go faster than
+    /// subscribers acknowledge and whose messages are kept elsewhere (serial frames: the outbox).
+    pub fn at_qos(mut self, qos: u8) -> Self {
+        self.qos = qos.min(1);
+        self
     }
 
     /// Routes a message to the matching subscriptions (and keeps it as the topic's retained
@@ -81,7 +93,7 @@ impl LocalPublisher {
         let msg = Message::new(
             Arc::from(topic),
             payload,
-            1,
+            self.qos,
             retain,
             Properties::default(),
             self.origin,

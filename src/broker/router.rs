@@ -403,7 +403,28 @@ impl Router {
         let (handle, present, write_session, generation) = {
             let mut guard = self.state();
             let st = &mut *guard;
-            let existing = st.by_client.get(client_id).copied();
+            let mut existing = st.by_client.get(client_id).copied();
+            // A session whose expiry passed is gone, also in the moment before the timer
+            // removes it.
+            let now = Instant::now();
+            if let Some(id) = existing {
+                let over = st.sessions.get(&id).is_some_and(|e| {
+                    !e.online
+                        && e.expiry != u32::MAX
+                        && e.offline_since.is_some_and(|since| {
+                            now.saturating_duration_since(since)
+                                >= Duration::from_secs(u64::from(e.expiry))
+                        })
+                });
+                if over {
+                    self.0
+                        .stats
+                        .sessions_expired
+                        .fetch_add(1, Ordering::Relaxed);
+                    removals.extend(self.end_session(st, id));
+                    existing = None;
+                }
+            }
             let was_persistent = existing
                 .and_then(|id| st.sessions.get(&id))
                 .is_some_and(|e| e.handle.is_persistent());

@@ -176,7 +176,10 @@ impl Serial {
                 port: settings.name.clone(),
                 source,
             };
-            let publisher = LocalPublisher::new(router, MessageOrigin::Internal);
+            // QoS 0: a device sends at its own pace, which no subscriber's acknowledgements
+            // may slow; exported frames are kept in the outbox, durable before they are
+            // published here.
+            let publisher = LocalPublisher::new(router, MessageOrigin::Internal).at_qos(0);
             let commands = match &settings.command_topic {
                 Some(filter) => Some(
                     local_subscriber(router, &client_id, std::slice::from_ref(filter))

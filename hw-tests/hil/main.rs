@@ -10,6 +10,8 @@
 //! a plain `cargo test` (it boots virtual machines for minutes); `cargo test --test hil` runs it
 //! once `hw-tests/run` has built the image. `RELAYBOX_HW_CUTS` sets the number of power cuts
 //! (default 5; `hw-tests/soak --cuts N` runs more).
+//! The power-cut test also keeps a persistent MQTT session (`hw-keeper`) across its last
+//! [`KEEPER_CUTS`] cuts.
 //!
 //! Guests run one at a time (a 2-core machine emulating a 2-core board); each test keeps its
 //! console logs and disk under `target/hw-artefacts/<test>/`.
@@ -17,6 +19,7 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 mod guest;
+mod keeper;
 mod log_writes;
 mod publisher;
 mod store_check;
@@ -331,6 +334,17 @@ fn cuts_wanted() -> usize {
     }
 }
 
+/// The persistent session of the power-cut test: its client id and its subscription, the
+/// filter of every publisher's topic (`sensors/hw/cut<N>`).
+const KEEPER: &str = "hw-keeper";
+const KEEPER_FILTER: &str = "sensors/hw/#";
+/// The persistent session spans the last this many cuts (all of them in the default run). It
+/// holds every message published while it is away, and the store keeps each one twice (in the
+/// outbox and in the session's queue) and, while the queue only grows, no new checkpoint falls
+/// due, so all that log stays live: about 2.2 KB per message, so the guest's 64 MiB store disk takes the ~2,000 messages
+/// a cut acknowledges for a handful of cuts, not for a soak's hundreds.
+const KEEPER_CUTS: usize = 5;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_cuts_lose_nothing_acknowledged() {
     let _one = ONE_GUEST.lock().await;
@@ -338,14 +352,28 @@ async fn power_cuts_lose_nothing_acknowledged() {
     let dir = artefacts("power_cut");
     let hub = NatsHub::start().await;
     let mut guest = Guest::new(&dir, hub.port);
+    // The first cut the persistent session is away for.
+    let keeper_from = cuts.saturating_sub(KEEPER_CUTS) + 1;
 
     let mut acked_all: Vec<String> = Vec::new();
+    // What was acknowledged to a publisher while the persistent session was away.
+    let mut acked_kept: HashSet<String> = HashSet::new();
     let mut sent_all = 0usize;
     let mut corrupt_at = Vec::new();
     let mut torn_cuts = 0usize;
     let mut boot_times = Vec::new();
     for cut in 1..=cuts {
         boot_times.push(guest.boot_ready().await);
+        if cut == keeper_from {
+            // A subscriber with a persistent session (MQTT 3.1.1 clean session 0) subscribes,
+            // has its SUBACK (the subscription is durable by then) and goes away before the
+            // publisher starts: every message published from here on is queued for it.
+            let present = keeper::subscribe_and_leave(guest.mqtt_port, KEEPER, KEEPER_FILTER).await;
+            assert!(
+                !present,
+                "{KEEPER}: a session was present at its first connection"
+            );
+        }
         let tag = format!("cut{cut}");
         let run = publisher::Recording::start(guest.mqtt_port, &format!("hw-{tag}"), &tag);
         // Cut while messages are in flight: after the first acknowledgements, at a random moment.
@@ -357,11 +385,12 @@ async fn power_cuts_lose_nothing_acknowledged() {
         let after = store_check::inspect(&guest.disk, &dir, &format!("cut-{cut}"));
         println!(
             "HIL power cut {cut}/{cuts}: {} ms into publishing, {} sent, {} acknowledged, \
-             {} records in the outbox, {} corrupt, torn tail {}",
+             {} records in the outbox, {} live segments, {} corrupt, torn tail {}",
             delay.as_millis(),
             log.sent,
             log.acked.len(),
             after.outbox_records,
+            after.segments,
             after.corrupt,
             after.torn
         );
@@ -370,6 +399,9 @@ async fn power_cuts_lose_nothing_acknowledged() {
         }
         torn_cuts += usize::from(after.torn > 0);
         sent_all += log.sent;
+        if cut >= keeper_from {
+            acked_kept.extend(log.acked.iter().cloned());
+        }
         acked_all.extend(log.acked);
     }
 
@@ -408,8 +440,9 @@ async fn power_cuts_lose_nothing_acknowledged() {
     guest.power_cut().await;
     let idle = store_check::inspect(&guest.disk, &dir, "cut-idle");
     println!(
-        "HIL idle power cut after the drain: {} records in the outbox, {} corrupt, torn tail {}",
-        idle.outbox_records, idle.corrupt, idle.torn
+        "HIL idle power cut after the drain: {} records in the outbox, {} live segments, \
+         {} corrupt, torn tail {}",
+        idle.outbox_records, idle.segments, idle.corrupt, idle.torn
     );
     if idle.corrupt > 0 {
         corrupt_at.push("idle".to_owned());
@@ -426,6 +459,57 @@ async fn power_cuts_lose_nothing_acknowledged() {
     .await;
     let msgs = read_stream(&hub.url(), STREAM, Duration::from_secs(60)).await;
     guest.assert_alive();
+
+    // The persistent session comes back after the last boot, clean session 0 and no SUBSCRIBE:
+    // its subscription and every message acknowledged to a publisher while it was away must
+    // have survived the cuts. Bounded by the queue (TCG: a few thousand messages a second).
+    let kept_cuts = cuts + 1 - keeper_from;
+    let back = keeper::come_back(
+        guest.mqtt_port,
+        KEEPER,
+        &acked_kept,
+        Duration::from_secs(2),
+        Duration::from_secs(60 + acked_kept.len() as u64 / 100),
+    )
+    .await;
+    guest.assert_alive();
+    let kept_missing = back.missing(&acked_kept);
+    let kept_received = acked_kept.len() - kept_missing.len();
+    let kept_extra = back
+        .counts
+        .keys()
+        .filter(|p| !acked_kept.contains(*p))
+        .count();
+    let kept_extra_acked = back
+        .counts
+        .keys()
+        .filter(|p| !acked_kept.contains(*p) && acked.contains(*p))
+        .count();
+    println!(
+        "HIL persistent session: {} acknowledged messages published while it was away across {} \
+         power cuts (and the idle cut), {kept_received} received after the last boot{}, {} \
+         duplicates (with DUP), {} without DUP; session present {}, {} publishes received, {} \
+         more sent but never acknowledged to the publisher{}{}",
+        acked_kept.len(),
+        kept_cuts,
+        back.all_in
+            .map(|d| format!(" (all in {} s)", secs(d)))
+            .unwrap_or_default(),
+        back.dup_with_flag,
+        back.dup_without_flag.len(),
+        u8::from(back.session_present),
+        back.publishes,
+        kept_extra - kept_extra_acked,
+        if kept_extra_acked > 0 {
+            format!(", {kept_extra_acked} acknowledged before it subscribed")
+        } else {
+            String::new()
+        },
+        back.ended_by
+            .as_ref()
+            .map(|e| format!("; connection ended by {e}"))
+            .unwrap_or_default()
+    );
 
     let counts = payload_counts(&msgs);
     let lost: Vec<&String> = acked_all
@@ -475,6 +559,33 @@ async fn power_cuts_lose_nothing_acknowledged() {
     assert!(
         corrupt_at.is_empty(),
         "the store found corrupt records after cuts {corrupt_at:?}"
+    );
+    assert!(
+        back.session_present,
+        "{KEEPER}: CONNACK after the last boot says no session present"
+    );
+    assert!(
+        kept_missing.is_empty(),
+        "{KEEPER}: {} of {} messages acknowledged while it was away never arrived, e.g. {:?}",
+        kept_missing.len(),
+        acked_kept.len(),
+        kept_missing
+            .iter()
+            .take(10)
+            .map(|p| keeper::head(p))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        back.dup_without_flag.is_empty(),
+        "{KEEPER}: {} payloads arrived again without DUP, e.g. {:?}",
+        back.dup_without_flag.len(),
+        back.dup_without_flag.iter().take(10).collect::<Vec<_>>()
+    );
+    assert!(
+        back.wrong.is_empty(),
+        "{KEEPER}: {} publishes on the wrong topic or QoS, e.g. {:?}",
+        back.wrong.len(),
+        back.wrong.iter().take(10).collect::<Vec<_>>()
     );
 }
 

@@ -22,6 +22,8 @@ pub struct StoreAfterCut {
     pub torn: u64,
     /// Records in the outbox (acknowledged to a client, not yet acknowledged by the hub).
     pub outbox_records: u64,
+    /// Live segment files (each `segment_bytes`, 4 MiB): how much of the disk the log takes.
+    pub segments: u64,
 }
 
 fn e2fs_tool(name: &str) -> PathBuf {
@@ -44,6 +46,7 @@ pub fn inspect(disk: &Path, work: &Path, label: &str) -> StoreAfterCut {
         corrupt: found.corrupt,
         torn: found.torn,
         outbox_records: found.outbox.len() as u64,
+        segments: found.segments,
     }
 }
 

@@ -702,10 +702,17 @@ impl Inner {
     }
 
     /// Chunks before both the written front and the last durable checkpoint hold nothing
-    /// live: their files become spares, and spares beyond the reserve are deleted.
+    /// live: their files become spares, and spares beyond the reserve are deleted. (Opening
+    /// reads from that checkpoint on: it and every keyed entry written after it must stay,
+    /// however far the outbox front has moved.)
     fn recycle(&mut self) {
         let files = &self.shared.files;
-        let limit = files.chunk_of(self.written_cursor.position.min(self.writer.tail()));
+        let keep_from = self
+            .written_cursor
+            .position
+            .min(self.writer.tail())
+            .min(self.checkpoint);
+        let limit = files.chunk_of(keep_from);
         let dead: Vec<Chunk> = {
             let mut chunks = super::write_lock(&files.chunks);
             let keys: Vec<u64> = chunks.range(..limit).map(|(&k, _)| k).collect();

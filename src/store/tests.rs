@@ -635,3 +635,50 @@ async fn a_commit_writes_one_page_and_flushes_once() {
     let seen = inspect(dir.path()).expect("inspect");
     assert_eq!((seen.outbox.len(), seen.corrupt, seen.torn), (2900, 0, 0));
 }
+
+/// Keyed entries (persistent sessions' queued deliveries here) that make checkpoints rare —
+/// one is due only after the log grew by 4 × the keyed state — survive an outbox that drained
+/// past the chunk of the last checkpoint: that chunk and everything after it stay until a newer
+/// checkpoint is durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_entries_outlive_an_outbox_drained_past_their_checkpoint() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = small(64 * 1024);
+    let s = Open::new(dir.path(), &config);
+    // 100 entries of 600 B: 60 KB of keyed state, so a checkpoint is due only every 240 KB.
+    let value = vec![9u8; 600];
+    for i in 0..100u32 {
+        let key = format!("keeper-{i:03}").into_bytes();
+        s.store
+            .entry(QUEUED, key, Some(value.clone()))
+            .await
+            .expect("entry")
+            .durable()
+            .await
+            .expect("durable");
+    }
+    // Then an outbox backlog of several segments, acknowledged as it goes.
+    let payload = vec![7u8; 1000];
+    for round in 0..6u64 {
+        let mut tickets = Vec::new();
+        for at in 0..60u64 {
+            let mut r = record(round * 100 + at);
+            r.payload = payload.clone().into();
+            tickets.push(s.store.append(&r).await.expect("append"));
+        }
+        let mut seqs = Vec::new();
+        for t in tickets {
+            seqs.push(t.durable().await.expect("durable"));
+        }
+        s.store.delete(seqs).expect("delete");
+        // Let the front reach the disk, and dead chunks be recycled.
+        tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    }
+    s.close();
+    let s = Open::new(dir.path(), &config);
+    let entries = s.store.entries(QUEUED).await.expect("entries");
+    assert_eq!(entries.len(), 100, "queued entries after reopening");
+    assert!(entries.iter().all(|(_, v)| *v == value));
+    assert_eq!(s.store.stats().corrupt.load(Ordering::Relaxed), 0);
+    s.close();
+}

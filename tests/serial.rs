@@ -490,9 +490,14 @@ async fn ten_thousand_frames_of_each_framing_reach_subscribers_and_the_hub() {
         device.plug();
         devices.push((framing, device));
     }
+    // The devices write as fast as the pty takes it, far faster than a UART: the subscriber's
+    // queue is sized for the whole burst (the default bound, 1,000, would drop what a
+    // momentarily busy subscriber has not read yet, as it should for a slow client).
     let cfg = RelayConfig::new("serial-bulk")
         .uplink(&hub.url())
-        .export("serial/lp");
+        .export("serial/lp")
+        .mqtt("max_queued_messages = 40000
+max_queued_bytes = 16777216");
     let mut relay = Relay::start_with_extra(cfg, &extra).await;
     relay.wait_log(OPEN, 3, WAIT).await;
     let sub = Subscriber::start(relay.port(), "serial-bulk-sub", &["serial/#"]).await;

@@ -496,8 +496,7 @@ async fn ten_thousand_frames_of_each_framing_reach_subscribers_and_the_hub() {
     let cfg = RelayConfig::new("serial-bulk")
         .uplink(&hub.url())
         .export("serial/lp")
-        .mqtt("max_queued_messages = 40000
-max_queued_bytes = 16777216");
+        .mqtt("max_queued_messages = 40000\nmax_queued_bytes = 16777216");
     let mut relay = Relay::start_with_extra(cfg, &extra).await;
     relay.wait_log(OPEN, 3, WAIT).await;
     let sub = Subscriber::start(relay.port(), "serial-bulk-sub", &["serial/#"]).await;

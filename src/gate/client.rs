@@ -358,7 +358,7 @@ where
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         alias_max_out: connect.topic_alias_maximum,
         aliases_out: HashMap::new(),
-        wbuf: BytesMut::with_capacity(4096),
+        wbuf: BytesMut::new(),
         ending: Ending::WithWill,
         disconnect_expiry: None,
     };
@@ -638,6 +638,12 @@ impl Conn<'_> {
                     None => std::future::pending().await,
                 }
             };
+            // Deliveries taken and not written yet (the write buffer was full) go on at once;
+            // with none held, new ones are awaited.
+            let more = self
+                .held
+                .front()
+                .is_some_and(|d| d.qos == 0 || d.released || self.out.len() < self.receive_maximum);
             let can_send = self.held.is_empty();
             tokio::select! {
                 biased;
@@ -689,6 +695,8 @@ impl Conn<'_> {
                         }
                     }
                 }
+                // Last: a client's packets go first.
+                () = std::future::ready(()), if more => {}
             }
         }
     }

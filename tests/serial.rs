@@ -964,10 +964,12 @@ async fn frames_accepted_before_sigkill_reach_the_hub_after_restart() {
         "export = true\n",
     );
     // A long commit window: a frame published before its commit would be seen well before it
-    // is on disk, and lost to the kill.
+    // is on disk, and lost to the kill. (Each commit then releases a burst of frames at once:
+    // the subscriber's queue is sized for all of them.)
     let cfg = RelayConfig::new("serial-kill")
         .uplink(&format!("nats://127.0.0.1:{hub_port}"))
-        .outbox_lines("commit_window_us = 100000");
+        .outbox_lines("commit_window_us = 100000")
+        .mqtt("max_queued_messages = 10000");
     let mut relay = Relay::start_with_extra(cfg, &extra).await;
     let mut device = Device::new(link);
     device.plug();

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -110,6 +110,8 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
 pub const TOPIC_ALIAS_MAXIMUM: u16 = 64;
 /// Bytes written to the socket at a time, at most, before reading again.
 const WRITE_CHUNK: usize = 64 * 1024;
+/// A write buffer larger than this is given back after it was written.
+const WBUF_KEEP: usize = 1024;
 
 /// MQTT 5 reason codes used here.
 const WITH_WILL: u8 = 0x04;
@@ -199,7 +201,12 @@ async fn read_packet<R: AsyncRead + Unpin>(
         if let Some(f) = codec::frame(buf, max)? {
             return Ok(Some(buf.split_to(f.len).freeze()));
         }
-        if rd.read_buf(buf).await? == 0 {
+        if buf.is_empty() {
+            // Everything read is handed on: a connection waiting for its client keeps no
+            // read buffer (packets still in use keep theirs).
+            *buf = BytesMut::new();
+        }
+        if read_some(rd, buf).await? == 0 {
             return if buf.is_empty() {
                 Ok(None)
             } else {
@@ -207,6 +214,23 @@ async fn read_packet<R: AsyncRead + Unpin>(
             };
         }
     }
+}
+
+/// Bytes read from the socket at a time, at most.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Reads what the socket has (up to [`READ_CHUNK`]) and appends it to `buf`. The bytes pass
+/// through a buffer on the stack of the poll, not in the connection's state, so a waiting
+/// connection holds none.
+async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut space = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut chunk = tokio::io::ReadBuf::uninit(&mut space);
+        std::task::ready!(std::pin::Pin::new(&mut *rd).poll_read(cx, &mut chunk))?;
+        buf.extend_from_slice(chunk.filled());
+        std::task::Poll::Ready(Ok(chunk.filled().len()))
+    })
+    .await
 }
 
 /// Reads the first packet, which must be a CONNECT: anything else is refused at its first
@@ -217,7 +241,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<Option<Bytes>, ConnError> {
     while buf.is_empty() {
-        if rd.read_buf(buf).await? == 0 {
+        if read_some(rd, buf).await? == 0 {
             return Ok(None);
         }
     }
@@ -236,19 +260,113 @@ async fn run<S>(
 where
     S: AsyncRead + AsyncWrite + Send + Unpin,
 {
-    let max = shared.settings.max_packet_size;
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut buf = BytesMut::with_capacity(4096);
+    let mut buf = BytesMut::new();
+    // The handshake's state is boxed: it is done with once the client is in, and a connection
+    // that then waits for its client carries none of it.
+    let Some(started) = Box::pin(handshake(
+        shared, &mut rd, &mut wr, &mut buf, cert_user, shutdown,
+    ))
+    .await?
+    else {
+        return Ok(());
+    };
+    let Started {
+        mut conn,
+        will,
+        generation,
+        kicked,
+    } = started;
 
+    // Made at the first PUBLISH: a connection that only subscribes, or waits, has none.
+    let mut pipeline: Option<Pipeline> = None;
+    let result = loop {
+        let (pipe, stages) = match pipeline.as_mut() {
+            Some(p) => (Some((&p.pending, &mut p.acks)), Some(p.stages.as_mut())),
+            None => (None, None),
+        };
+        let stages = async {
+            match stages {
+                Some(s) => s.await,
+                None => std::future::pending().await,
+            }
+        };
+        let served = tokio::select! {
+            r = conn.serve(&mut rd, &mut wr, &mut buf, pipe, &kicked, shutdown) => r,
+            // The pipeline never ends before the reader does (it holds the sender).
+            () = stages => Served::End(Ok(())),
+        };
+        match served {
+            Served::End(r) => break r,
+            Served::Publish(first) => {
+                let p = Pipeline::new(shared.router.clone());
+                // The new queue has room for this one.
+                let _ = p.pending.try_send(*first);
+                pipeline = Some(p);
+            }
+        }
+    };
+    // What was read is routed and acknowledged, as far as the client still listens.
+    if let Some(p) = pipeline {
+        let Pipeline {
+            pending,
+            mut acks,
+            mut stages,
+        } = p;
+        drop(pending);
+        let drain = async {
+            let write_acks = async {
+                while let Some(reply) = acks.recv().await {
+                    if let Reply::Write { bytes, .. } = reply {
+                        if wr.write_all(&bytes).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            };
+            tokio::join!(stages.as_mut(), write_acks);
+        };
+        let _ = tokio::time::timeout(LINGER, Box::pin(drain)).await;
+    }
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
+    Box::pin(conn.finish(will, generation)).await;
+    result
+}
+
+/// A client let in: its connection state, its will, its session's generation, and the token
+/// that fires when another connection takes the session over.
+struct Started<'a> {
+    conn: Conn<'a>,
+    will: Option<(Message, u32)>,
+    generation: u64,
+    kicked: CancellationToken,
+}
+
+/// CONNECT, login, the session, CONNACK. `None` when the client left (or the relay stopped)
+/// before it sent CONNECT.
+async fn handshake<'a, R, W>(
+    shared: &'a Shared,
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+    cert_user: Option<String>,
+    shutdown: &CancellationToken,
+) -> Result<Option<Started<'a>>, ConnError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let max = shared.settings.max_packet_size;
     let timeout = shared.settings.connect_timeout;
     let packet = tokio::select! {
-        _ = shutdown.cancelled() => return Ok(()),
-        r = tokio::time::timeout(timeout, read_connect(&mut rd, &mut buf, max)) => {
+        _ = shutdown.cancelled() => return Ok(None),
+        r = tokio::time::timeout(timeout, read_connect(rd, buf, max)) => {
             r.map_err(|_| ConnError::ConnectTimeout(timeout))??
         }
     };
     let Some(packet) = packet else {
-        return Ok(());
+        return Ok(None);
     };
     let connect = match codec::decode_connect(&packet) {
         Ok(c) => c,
@@ -335,7 +453,7 @@ where
     wr.write_all(&codec::connack(version, connected.present, 0, &props))
         .await?;
 
-    let mut conn = Conn {
+    let conn = Conn {
         shared,
         version,
         client_id: handle.client_id.clone(),
@@ -361,53 +479,58 @@ where
         wbuf: BytesMut::new(),
         ending: Ending::WithWill,
         disconnect_expiry: None,
+        deadline: None,
     };
+    Ok(Some(Started {
+        conn,
+        will,
+        generation: connected.generation,
+        kicked,
+    }))
+}
 
-    let (pending_tx, pending_rx) = mpsc::channel::<Pending>(PIPELINE);
-    let (routed_tx, routed_rx) = mpsc::channel::<(Vec<Ticket>, Reply)>(PIPELINE);
-    let (acks_tx, mut acks_rx) = mpsc::channel::<Reply>(PIPELINE);
-    let pipeline = route(shared.router.clone(), pending_rx, routed_tx);
-    let acks = settle(routed_rx, acks_tx);
-    let both = async {
-        tokio::join!(pipeline, acks);
-    };
-    tokio::pin!(both);
+/// A connection's publish pipeline: the queue into it, the replies out of it, and its two
+/// stages, boxed so that a connection without one does not carry their space.
+struct Pipeline {
+    pending: mpsc::Sender<Pending>,
+    acks: mpsc::Receiver<Reply>,
+    stages: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
 
-    let result = {
-        let main = conn.serve(
-            &mut rd,
-            &mut wr,
-            buf,
-            pending_tx,
-            &mut acks_rx,
-            &kicked,
-            shutdown,
-        );
-        tokio::pin!(main);
-        tokio::select! {
-            r = &mut main => r,
-            // The pipeline never ends before the reader does (it holds the sender).
-            () = &mut both => Ok(()),
-        }
-    };
-    // What was read is routed and acknowledged, as far as the client still listens.
-    let drain = async {
-        let write_acks = async {
-            while let Some(reply) = acks_rx.recv().await {
-                if let Reply::Write { bytes, .. } = reply {
-                    if wr.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-            }
+impl Pipeline {
+    fn new(router: Router) -> Pipeline {
+        let (pending_tx, pending_rx) = mpsc::channel::<Pending>(PIPELINE);
+        let (routed_tx, routed_rx) = mpsc::channel::<(Vec<Ticket>, Reply)>(PIPELINE);
+        let (acks_tx, acks_rx) = mpsc::channel::<Reply>(PIPELINE);
+        let stages = async move {
+            tokio::join!(
+                route(router, pending_rx, routed_tx),
+                settle(routed_rx, acks_tx)
+            );
         };
-        tokio::join!(&mut both, write_acks);
-    };
-    let _ = tokio::time::timeout(LINGER, drain).await;
-    let _ = wr.flush().await;
-    let _ = wr.shutdown().await;
-    conn.finish(will, connected.generation).await;
-    result
+        Pipeline {
+            pending: pending_tx,
+            acks: acks_rx,
+            stages: Box::pin(stages),
+        }
+    }
+}
+
+/// What to do after one client packet.
+enum Step {
+    Go,
+    /// The client said DISCONNECT, or the pipeline is gone.
+    Stop,
+    /// A PUBLISH and no pipeline yet.
+    Publish(Box<Pending>),
+}
+
+/// Why [`Conn::serve`] returned.
+enum Served {
+    /// The connection is over.
+    End(Result<(), ConnError>),
+    /// The first PUBLISH came and there is no pipeline yet: make one, hand it this, serve on.
+    Publish(Box<Pending>),
 }
 
 /// Logs a client in: the user it is known as, its client id, and whether that id was
@@ -574,6 +697,8 @@ struct Conn<'a> {
     wbuf: BytesMut,
     ending: Ending,
     disconnect_expiry: Option<u32>,
+    /// When the client must have sent something (1.5 × its keep-alive after the last packet).
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl Conn<'_> {
@@ -600,24 +725,52 @@ impl Conn<'_> {
             return Ok(());
         }
         let written = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&self.wbuf)).await;
-        self.wbuf.clear();
+        if self.wbuf.capacity() > WBUF_KEEP {
+            // A burst's buffer is not kept for a connection that may now wait a long time.
+            self.wbuf = BytesMut::new();
+        } else {
+            self.wbuf.clear();
+        }
         match written {
             Ok(r) => Ok(r?),
             Err(_) => Err(ConnError::WriteTimeout(WRITE_TIMEOUT)),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Serves the client until the connection ends, or until its first PUBLISH when it has no
+    /// pipeline yet (`pipe` is `None`).
     async fn serve<R, W>(
         &mut self,
         rd: &mut R,
         wr: &mut W,
-        mut buf: BytesMut,
-        pending: mpsc::Sender<Pending>,
-        acks: &mut mpsc::Receiver<Reply>,
+        buf: &mut BytesMut,
+        mut pipe: Option<(&mpsc::Sender<Pending>, &mut mpsc::Receiver<Reply>)>,
         kicked: &CancellationToken,
         shutdown: &CancellationToken,
-    ) -> Result<(), ConnError>
+    ) -> Served
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        match self
+            .serve_inner(rd, wr, buf, &mut pipe, kicked, shutdown)
+            .await
+        {
+            Ok(Some(first)) => Served::Publish(first),
+            Ok(None) => Served::End(Ok(())),
+            Err(e) => Served::End(Err(e)),
+        }
+    }
+
+    async fn serve_inner<R, W>(
+        &mut self,
+        rd: &mut R,
+        wr: &mut W,
+        buf: &mut BytesMut,
+        pipe: &mut Option<(&mpsc::Sender<Pending>, &mut mpsc::Receiver<Reply>)>,
+        kicked: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Box<Pending>>, ConnError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
@@ -627,17 +780,20 @@ impl Conn<'_> {
         // keep-alive 0 turns this off.
         let silence =
             (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
-        let mut deadline = silence.map(|s| tokio::time::Instant::now() + s);
+        if self.deadline.is_none() {
+            self.deadline = silence.map(|s| tokio::time::Instant::now() + s);
+        }
+        // One timer for the keep-alive, set again only when it fires early: a packet moves the
+        // deadline, not the timer.
+        let timer = tokio::time::sleep_until(
+            self.deadline
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400)),
+        );
+        tokio::pin!(timer);
         let handle = self.handle.clone();
         loop {
             self.fill();
             self.flush(wr).await?;
-            let expired = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
-                }
-            };
             // Deliveries taken and not written yet (the write buffer was full) go on at once;
             // with none held, new ones are awaited.
             let more = self
@@ -645,29 +801,40 @@ impl Conn<'_> {
                 .front()
                 .is_some_and(|d| d.qos == 0 || d.released || self.out.len() < self.receive_maximum);
             let can_send = self.held.is_empty();
+            let acks = async {
+                match pipe.as_mut() {
+                    Some((_, acks)) => acks.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 _ = kicked.cancelled() => {
                     self.disconnect(SESSION_TAKEN_OVER, Some("another connection took the session"));
                     self.flush(wr).await?;
-                    return Ok(());
+                    return Ok(None);
                 }
                 _ = shutdown.cancelled() => {
                     self.ending = Ending::Normal;
                     self.disconnect(SERVER_SHUTTING_DOWN, Some("the relay is shutting down"));
-                    return Ok(());
+                    return Ok(None);
                 }
-                Some(reply) = acks.recv() => self.reply(reply)?,
-                () = expired => {
-                    self.disconnect(KEEP_ALIVE_TIMEOUT, None);
-                    self.flush(wr).await?;
-                    return Err(ConnError::KeepAliveTimeout(silence.unwrap_or_default()));
+                Some(reply) = acks => self.reply(reply)?,
+                () = timer.as_mut(), if silence.is_some() => {
+                    match self.deadline {
+                        Some(at) if at > tokio::time::Instant::now() => timer.as_mut().reset(at),
+                        _ => {
+                            self.disconnect(KEEP_ALIVE_TIMEOUT, None);
+                            self.flush(wr).await?;
+                            return Err(ConnError::KeepAliveTimeout(silence.unwrap_or_default()));
+                        }
+                    }
                 }
                 () = handle.notified(), if can_send => {}
-                r = read_packet(rd, &mut buf, max) => {
+                r = read_packet(rd, buf, max) => {
                     let packet = match r {
                         Ok(Some(p)) => p,
-                        Ok(None) => return Ok(()),
+                        Ok(None) => return Ok(None),
                         Err(ConnError::Codec(e)) => {
                             self.disconnect(e.reason(), None);
                             self.flush(wr).await?;
@@ -675,10 +842,13 @@ impl Conn<'_> {
                         }
                         Err(e) => return Err(e),
                     };
-                    deadline = silence.map(|s| tokio::time::Instant::now() + s);
-                    match self.packet(&packet, &pending).await {
-                        Ok(true) => {}
-                        Ok(false) => return Ok(()),
+                    self.deadline = silence.map(|s| tokio::time::Instant::now() + s);
+                    let pending = pipe.as_ref().map(|(p, _)| *p);
+                    // Boxed: what handling a packet needs is not carried while waiting.
+                    match Box::pin(self.packet(&packet, pending)).await {
+                        Ok(Step::Go) => {}
+                        Ok(Step::Stop) => return Ok(None),
+                        Ok(Step::Publish(first)) => return Ok(Some(first)),
                         Err(e) => {
                             let reason = match &e {
                                 ConnError::Codec(c) => c.reason(),
@@ -741,23 +911,28 @@ impl Conn<'_> {
                         }
                         Ok(())
                     }
+                    // QoS 0 is dropped (counted above): there is nothing to refuse.
+                    Version::V4 if qos == 0 => Ok(()),
                     Version::V4 => Err(ConnError::RefusedV4 { topic, reason }),
                 }
             }
         }
     }
 
-    /// Handles one client packet; `false` when the client said DISCONNECT.
+    /// Handles one client packet.
     async fn packet(
         &mut self,
         packet: &[u8],
-        pending: &mpsc::Sender<Pending>,
-    ) -> Result<bool, ConnError> {
+        pending: Option<&mpsc::Sender<Pending>>,
+    ) -> Result<Step, ConnError> {
         match codec::decode(self.version, packet)? {
             Inbound::Publish(p) => {
                 let pending_publish = self.publish(p).await?;
+                let Some(pending) = pending else {
+                    return Ok(Step::Publish(Box::new(pending_publish)));
+                };
                 if pending.send(pending_publish).await.is_err() {
-                    return Ok(false);
+                    return Ok(Step::Stop);
                 }
             }
             Inbound::Puback(pid, _) | Inbound::Pubcomp(pid, _) => self.finished(pid),
@@ -823,11 +998,11 @@ impl Conn<'_> {
                 } else {
                     Ending::Normal
                 };
-                return Ok(false);
+                return Ok(Step::Stop);
             }
             Inbound::Forbidden(kind) => return Err(ConnError::Forbidden(kind)),
         }
-        Ok(true)
+        Ok(Step::Go)
     }
 
     /// A PUBLISH from the client: checked, its records appended to the store, and handed to

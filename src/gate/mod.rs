@@ -277,6 +277,23 @@ async fn open(
     shutdown: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    // Each transport's state is boxed on its own, so that a plain TCP connection does not
+    // carry the size of a TLS or WebSocket one.
+    if transport == Transport::Tcp {
+        Box::pin(client::serve(shared, stream, peer, None, shutdown)).await;
+        return;
+    }
+    Box::pin(open_wrapped(shared, transport, stream, peer, shutdown)).await;
+}
+
+/// [`open`] for TLS and WebSocket connections.
+async fn open_wrapped(
+    shared: Arc<client::Shared>,
+    transport: Transport,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
     let deadline = shared.settings.connect_timeout;
     let max = shared.settings.max_packet_size;
     let result: Result<(), String> = async {

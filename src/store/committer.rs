@@ -596,6 +596,14 @@ impl Inner {
                         "outbox full: dropped the oldest records (policy drop-oldest)"
                     );
                 }
+                {
+                    let mut tail = super::lock(&self.shared.tail);
+                    for (record, result) in encoded.into_iter().zip(&results) {
+                        if let Ok(seq) = result {
+                            tail.push(*seq, record);
+                        }
+                    }
+                }
                 let mut appended = 0;
                 let mut refused = 0;
                 for (done, result) in waiters.into_iter().zip(results) {
@@ -629,6 +637,7 @@ impl Inner {
                 // disk): they are noted as gone.
                 let lost = std::mem::take(&mut self.batch);
                 self.front().lost(&lost);
+                super::lock(&self.shared.tail).clear();
                 if let Some(last) = lost.last() {
                     self.shared.next_seq.store(last.seq + 1, Ordering::Release);
                 }

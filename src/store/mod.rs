@@ -72,6 +72,7 @@ mod front;
 mod log;
 mod migrate;
 mod open;
+mod tail;
 pub mod users;
 
 use std::collections::HashMap;
@@ -278,6 +279,7 @@ struct Shared {
     front: Mutex<Front>,
     entries: Mutex<Entries>,
     hints: Mutex<Vec<(u64, u64)>>,
+    tail: Mutex<tail::Tail>,
 }
 
 impl Shared {
@@ -625,6 +627,7 @@ impl Store {
             front: Mutex::new(front),
             entries: Mutex::new(rec.entries),
             hints: Mutex::new(Vec::new()),
+            tail: Mutex::new(tail::Tail::default()),
         });
         tracing::info!(
             records = shared.stats.records.load(Ordering::Relaxed),
@@ -923,11 +926,21 @@ impl Store {
         before: u64,
         max: usize,
     ) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
-        let shared = self.shared.clone();
-        let (records, corrupt) =
-            tokio::task::spawn_blocking(move || shared.read(from, before, max))
-                .await
-                .map_err(|e| StoreError::Read(e.to_string()))??;
+        // Live traffic is read from the records of the last commits, without the disk.
+        let in_tail = lock(&self.shared.tail).read(from, before, max);
+        let (records, corrupt) = match in_tail {
+            Some(mut found) => {
+                let front = lock(&self.shared.front);
+                found.0.retain(|(seq, _)| !front.is_deleted(*seq));
+                found
+            }
+            None => {
+                let shared = self.shared.clone();
+                tokio::task::spawn_blocking(move || shared.read(from, before, max))
+                    .await
+                    .map_err(|e| StoreError::Read(e.to_string()))??
+            }
+        };
         if !corrupt.is_empty() {
             for seq in &corrupt {
                 tracing::error!(seq, "outbox record is corrupt; dropping it");

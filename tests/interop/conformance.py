@@ -105,6 +105,7 @@ class Cli:
         self.alias_max = 0          # TopicAliasMaximum we announced in CONNECT
         self.alias_uses = 0
         self.on_msg_hook = None
+        self.paused = False
         self._stop = threading.Event()
         self._thread = None
         self.dead = False
@@ -212,6 +213,8 @@ class Cli:
                 break
             if rc != mqtt.MQTT_ERR_SUCCESS:
                 break
+        if self._stop.is_set() and self.paused:
+            return
         with self.cond:
             if self.disconnected is None:
                 self.disconnected = (None, None)
@@ -354,6 +357,19 @@ class Cli:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(MAX_WAIT)
+
+    def pause(self):
+        """Stop the loop thread but keep the socket: the client neither reads nor
+        sends anything (no PINGREQ) until resume()."""
+        self.paused = True
+        self._stop_thread()
+
+    def resume(self):
+        self.paused = False
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"mqtt-{self.name}")
+        self._thread.start()
 
     def close(self):
         try:
@@ -660,6 +676,47 @@ class V311(Base):
         watch.settle()
         self.assertEqual(watch.messages(W), [], "will must not be sent after DISCONNECT")
 
+    def test_v311_keep_alive_zero(self):
+        # Keep alive 0 turns the server's timeout off [MQTT-3.1.2-24 applies only
+        # to a non-zero keep alive].
+        c = self.client("ka0", V3, keepalive=0)
+        c.settle(2.5)
+        self.assertTrue(c.connected, "a silent client with keep alive 0 stays connected")
+        c.subscribe(self.t("k"), 1)
+        c.publish(self.t("k"), b"still here", qos=1)
+        self.assertEqual(c.wait_msgs(1)[0].payload, b"still here")
+
+    def test_v311_keep_alive_timeout(self):
+        # A client silent for 1.5 x its keep alive is disconnected [MQTT-3.1.2-24].
+        c = self.client("silent", V3, keepalive=1)
+        c.pause()
+        time.sleep(2.5)
+        c.resume()
+        c._wait(lambda: c.disconnected is not None,
+                "the server closing a connection silent for 1.5 x keep alive", timeout=5)
+
+    def test_v311_redelivery_with_dup(self):
+        # An unacknowledged QoS 1 delivery of a persistent session is sent again
+        # with DUP when the client comes back [MQTT-4.4.0-1].
+        T = self.t("dup")
+        cid = self.persistent(self.cid("sub"), V3)
+        sub = self.client("sub", V3, client_id=cid, clean_session=False, manual_ack=True)
+        sub.subscribe(T, 1)
+        pub = self.client("pub", V3)
+        pub.publish(T, b"once more", qos=1)
+        first = sub.wait_msgs(1, T)[0]
+        self.assertFalse(first.dup, "first delivery without DUP")
+        sub.kill()
+        again = self.client("again", V3, client_id=cid, clean_session=False, manual_ack=True)
+        self.assertTrue(again.session_present, "the session is kept")
+        m = again.wait_msgs(1, T)[0]
+        self.assertEqual((m.payload, m.qos, m.dup), (b"once more", 1, True),
+                         "the unacknowledged delivery is sent again with DUP")
+        again.ack(m.mid, 1)
+        again.settle()
+        self.assertEqual(len(again.messages(T)), 1, "sent again once")
+
+
     def test_v311_unicode_topic_plus(self):
         T = self.t("ü/über/x")
         sub = self.client("sub", V3)
@@ -950,6 +1007,34 @@ class V5Tests(Base):
         self.assertEqual(c0.wait_msgs(1)[0].payload, b"alive")
         self.note(f"ServerKeepAlive: ka=0 -> {ska0}, ka=60 -> {ska60}")
 
+    def test_v5_redelivery_with_dup(self):
+        T = self.t("dup")
+        cid = self.persistent(self.cid("sub"), V5)
+        keep = cprops(SessionExpiryInterval=60)
+        sub = self.client("sub", client_id=cid, manual_ack=True, properties=keep)
+        sub.subscribe(T, 1)
+        pub = self.client("pub")
+        pub.publish(T, b"once more", qos=1)
+        first = sub.wait_msgs(1, T)[0]
+        self.assertFalse(first.dup, "first delivery without DUP")
+        sub.kill()
+        again = self.client("again", client_id=cid, manual_ack=True, clean_start=False,
+                            properties=cprops(SessionExpiryInterval=60))
+        self.assertTrue(again.session_present, "the session is kept")
+        m = again.wait_msgs(1, T)[0]
+        self.assertEqual((m.payload, m.qos, m.dup), (b"once more", 1, True),
+                         "the unacknowledged delivery is sent again with DUP")
+        again.ack(m.mid, 1)
+
+    def test_v5_authentication_method_not_supported(self):
+        # Extended authentication is not offered: CONNACK 0x8C (bad
+        # authentication method) [MQTT-4.12.0-1].
+        c = self.client("auth", connect=False)
+        ack = c.connect(properties=cprops(AuthenticationMethod="SCRAM-SHA-1"),
+                        expect_ok=False)
+        self.assertEqual(ack[1], 0x8C, f"CONNACK 0x{ack[1]:02x}, not 0x8c")
+
+
     def test_v5_receive_maximum(self):
         T = self.t("rm")
         sub = self.client("sub", manual_ack=True, properties=cprops(ReceiveMaximum=1))
@@ -1094,6 +1179,30 @@ class RelayboxPolicy(Base):
         c.subscribe(self.t("u"), 1)
         c.publish(self.t("u"), b"ok", qos=1)
         self.assertEqual(c.wait_msgs(1)[0].payload, b"ok")
+
+    def test_v311_policy_invalid_filter_suback(self):
+        # 3.1.1: SUBACK 0x80 for an invalid filter, the connection kept (the
+        # specification also allows closing it [MQTT-4.8.0-1]).
+        c = self.client("c", V3)
+        mid = c.subscribe_raw(self.t("a/#/b"), 1)
+        c._wait(lambda: mid in c.subacks or c.disconnected is not None, "SUBACK for a/#/b")
+        self.assertIsNone(c.disconnected, "the connection is kept")
+        self.assertEqual(c.subacks[mid][0], [0x80], "SUBACK 0x80 failure")
+        c.subscribe(self.t("ok"), 1)
+        c.publish(self.t("ok"), b"still usable", qos=1)
+        self.assertEqual(c.wait_msgs(1)[0].payload, b"still usable")
+
+
+    def test_v5_policy_keep_alive_timeout_disconnect(self):
+        # A client silent for 1.5 x its keep alive is disconnected [MQTT-3.1.2-22];
+        # relaybox says why first, with DISCONNECT 0x8D (keep alive timeout).
+        c = self.client("silent", keepalive=1)
+        c.pause()
+        time.sleep(2.5)
+        c.resume()
+        c._wait(lambda: c.disconnected is not None,
+                "the server closing a connection silent for 1.5 x keep alive", timeout=5)
+        self.assertEqual(c.server_disconnect, 0x8D, "DISCONNECT 0x8D keep alive timeout")
 
     def test_v5_policy_invalid_filter_suback(self):
         # relaybox answers an invalid filter with a SUBACK failure code and keeps

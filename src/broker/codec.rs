@@ -224,6 +224,19 @@ fn string_of(b: &[u8]) -> Result<String, CodecError> {
         .map_err(|_| malformed("password is not UTF-8"))
 }
 
+/// A CONNECT's user name; an empty one counts as none.
+fn user_name(name: Option<&str>) -> Option<String> {
+    name.filter(|u| !u.is_empty()).map(str::to_owned)
+}
+
+/// A CONNECT's password, which relaybox checks as UTF-8 text; an empty one counts as none.
+fn password(password: Option<&[u8]>) -> Result<Option<String>, CodecError> {
+    Ok(password
+        .map(string_of)
+        .transpose()?
+        .filter(|p| !p.is_empty()))
+}
+
 /// Decodes a client's CONNECT (the whole frame).
 pub fn decode_connect(packet: &[u8]) -> Result<Connect, CodecError> {
     let version = connect_version(packet)?;
@@ -234,13 +247,8 @@ pub fn decode_connect(packet: &[u8]) -> Result<Connect, CodecError> {
                 client_id: c.client_id.to_string(),
                 keep_alive: c.keep_alive,
                 clean_start: c.clean_session,
-                username: c.username.map(|u| u.to_string()).filter(|u| !u.is_empty()),
-                password: c
-                    .password
-                    .as_deref()
-                    .map(string_of)
-                    .transpose()?
-                    .filter(|p| !p.is_empty()),
+                username: user_name(c.username.as_deref()),
+                password: password(c.password.as_deref())?,
                 will: c.last_will.map(|w| Will {
                     topic: w.topic_name.to_string(),
                     payload: w.message,
@@ -276,13 +284,8 @@ pub fn decode_connect(packet: &[u8]) -> Result<Connect, CodecError> {
                     client_id: c.client_id.to_string(),
                     keep_alive: c.keep_alive,
                     clean_start: c.clean_start,
-                    username: c.username.map(|u| u.to_string()).filter(|u| !u.is_empty()),
-                    password: c
-                        .password
-                        .as_deref()
-                        .map(string_of)
-                        .transpose()?
-                        .filter(|p| !p.is_empty()),
+                    username: user_name(c.username.as_deref()),
+                    password: password(c.password.as_deref())?,
                     will: c.last_will.map(|w| Will {
                         topic: w.topic_name.to_string(),
                         payload: w.payload,

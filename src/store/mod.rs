@@ -478,27 +478,18 @@ fn read_entries(
     entries: &Entries,
     space: u8,
 ) -> std::io::Result<(Vec<OutboxRecord>, Vec<String>)> {
-    let mut places: Vec<(&Vec<u8>, Place)> = entries
-        .iter()
-        .filter(|((s, _), _)| *s == space)
-        .map(|((_, k), p)| (k, *p))
-        .collect();
-    places.sort();
-    let mut out = Vec::with_capacity(places.len());
-    let mut damaged = Vec::new();
-    for (key, place) in places {
-        let topic = String::from_utf8_lossy(key).into_owned();
-        let max = format::record_len(place.value_len as usize + key.len() + 9);
-        let record = match files.read_record(place.position, max)? {
-            Some((Kind::Set, body)) => format::split_entry(&body, true)
-                .and_then(|(_, _, v)| v.and_then(|v| OutboxRecord::decode(v).ok())),
-            _ => None,
-        };
-        match record {
-            Some(r) if r.topic == topic => out.push(r),
-            _ => damaged.push(topic),
+    let (found, mut damaged) = read_space(files, entries, space)?;
+    let mut out = Vec::with_capacity(found.len());
+    for (key, value) in found {
+        match OutboxRecord::decode(value.as_slice()) {
+            Ok(r) if r.topic.as_bytes() == key.as_slice() => out.push(r),
+            _ => damaged.push(key),
         }
     }
+    let damaged = damaged
+        .into_iter()
+        .map(|k| String::from_utf8_lossy(&k).into_owned())
+        .collect();
     Ok((out, damaged))
 }
 

@@ -917,8 +917,10 @@ impl Store {
         before: u64,
         max: usize,
     ) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
-        // Live traffic is read from the records of the last commits, without the disk.
-        let in_tail = lock(&self.shared.tail).read(from, before, max);
+        // Live traffic is read from the records of the last commits, without the disk. Those
+        // before the front are gone: the read starts at the front, as one from the log does.
+        let first_live = lock(&self.shared.front).cursor.first_seq;
+        let in_tail = lock(&self.shared.tail).read(from.max(first_live), before, max);
         let (records, corrupt) = match in_tail {
             Some(mut found) => {
                 let front = lock(&self.shared.front);

@@ -682,3 +682,39 @@ async fn keyed_entries_outlive_an_outbox_drained_past_their_checkpoint() {
     assert_eq!(s.store.stats().corrupt.load(Ordering::Relaxed), 0);
     s.close();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_start_at_the_front_from_the_tail_as_from_the_log() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let s = Open::new(dir.path(), &OutboxConfig::default());
+    for at in 1..=10 {
+        append(&s.store, &record(at)).await;
+    }
+    s.store.delete((1..=6).collect()).expect("delete");
+    // The deletes ride on the next commit.
+    append(&s.store, &record(11)).await;
+    let seqs =
+        |found: Vec<(u64, OutboxRecord)>| found.into_iter().map(|(q, _)| q).collect::<Vec<_>>();
+    // Served from the tail (the last commits' records): the first live records, not the first
+    // `max` sequences with the deleted ones left out.
+    assert_eq!(
+        seqs(s.store.read_between(0, 100, 2).await.expect("read")),
+        [7, 8]
+    );
+    assert_eq!(
+        seqs(s.store.read_after(8, 10).await.expect("read")),
+        [9, 10, 11]
+    );
+    s.close();
+    // From the log after reopening (the tail is empty): the same answers.
+    let s = Open::new(dir.path(), &OutboxConfig::default());
+    assert_eq!(
+        seqs(s.store.read_between(0, 100, 2).await.expect("read")),
+        [7, 8]
+    );
+    assert_eq!(
+        seqs(s.store.read_after(8, 10).await.expect("read")),
+        [9, 10, 11]
+    );
+    s.close();
+}

@@ -23,6 +23,8 @@ use super::OutboxStats;
 /// (the uplink's, mostly) stay small; long scans grow to large reads.
 const FIRST_BLOCK: u64 = 16 * 1024;
 const MAX_BLOCK: u64 = 128 * 1024;
+/// Bytes read at a time when looking for the next record after damage or padding.
+const FIND_BLOCK: u64 = 64 * 1024;
 
 /// A chunk of the log held by a segment file.
 #[derive(Clone)]
@@ -259,23 +261,28 @@ fn scan_chunk(
 /// The first position at or after `from` (offset) where a header written for that position
 /// stands.
 fn find_next(file: &File, base: u64, from: u64, end: u64, segment: u64) -> io::Result<Option<u64>> {
-    if from >= end {
-        return Ok(None);
-    }
-    let mut buf = vec![0u8; (end - from) as usize];
-    read_full(file, &mut buf, from)?;
-    let mut at = 0usize;
-    while at + HEADER <= buf.len() {
-        let off = from + at as u64;
-        if buf[at..at + HEADER].iter().any(|&b| b != 0)
-            && !matches!(
-                format::look(&buf[at..], base + off, segment - off),
-                Look::Nothing
-            )
-        {
-            return Ok(Some(off));
+    // Read a block at a time: the next record is most often at the next page (a commit that
+    // started on a fresh page), and the rest of the chunk may be megabytes.
+    let mut buf = Vec::new();
+    let mut at = from;
+    while at + HEADER as u64 <= end {
+        buf.resize(FIND_BLOCK.min(end - at) as usize, 0);
+        read_full(file, &mut buf, at)?;
+        let mut i = 0usize;
+        while i + HEADER <= buf.len() {
+            let off = at + i as u64;
+            if buf[i..i + HEADER].iter().any(|&b| b != 0)
+                && !matches!(
+                    format::look(&buf[i..], base + off, segment - off),
+                    Look::Nothing
+                )
+            {
+                return Ok(Some(off));
+            }
+            i += format::ALIGN as usize;
         }
-        at += format::ALIGN as usize;
+        // The first position not looked at yet.
+        at += i as u64;
     }
     Ok(None)
 }
@@ -552,5 +559,41 @@ impl Writer {
         self.tail = chunk * self.files.segment_bytes;
         self.page.clear();
         self.stage(Kind::Start, &start.encode())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    /// A file of `len` zeros with a record written for `position` at `position` (base 0).
+    fn file_with_record_at(position: u64, len: u64) -> File {
+        let file = tempfile::tempfile().expect("temp file");
+        file.set_len(len).expect("size");
+        let mut record = Vec::new();
+        format::encode(&mut record, position, Kind::Pad, &[7u8; 40]);
+        file.write_all_at(&record, position).expect("write");
+        file
+    }
+
+    #[test]
+    fn find_next_reads_on_past_its_first_block() {
+        let len = 1 << 20;
+        // Far beyond the first block, and across the boundary of two blocks.
+        for position in [3 * FIND_BLOCK + 4096, 2 * FIND_BLOCK - 8] {
+            let file = file_with_record_at(position, len);
+            assert_eq!(
+                find_next(&file, 0, 64, len, len).expect("read"),
+                Some(position),
+                "record at {position}"
+            );
+        }
+        let empty = file_with_record_at(len - 64, len);
+        assert_eq!(
+            find_next(&empty, 0, 64, len - 64, len).expect("read"),
+            None,
+            "nothing before the end"
+        );
     }
 }

@@ -693,28 +693,27 @@ async fn reads_start_at_the_front_from_the_tail_as_from_the_log() {
     s.store.delete((1..=6).collect()).expect("delete");
     // The deletes ride on the next commit.
     append(&s.store, &record(11)).await;
-    let seqs =
-        |found: Vec<(u64, OutboxRecord)>| found.into_iter().map(|(q, _)| q).collect::<Vec<_>>();
     // Served from the tail (the last commits' records): the first live records, not the first
     // `max` sequences with the deleted ones left out.
     assert_eq!(
-        seqs(s.store.read_between(0, 100, 2).await.expect("read")),
-        [7, 8]
-    );
-    assert_eq!(
-        seqs(s.store.read_after(8, 10).await.expect("read")),
-        [9, 10, 11]
+        reads_past_the_front(&s.store).await,
+        (vec![7, 8], vec![9, 10, 11])
     );
     s.close();
     // From the log after reopening (the tail is empty): the same answers.
     let s = Open::new(dir.path(), &OutboxConfig::default());
     assert_eq!(
-        seqs(s.store.read_between(0, 100, 2).await.expect("read")),
-        [7, 8]
-    );
-    assert_eq!(
-        seqs(s.store.read_after(8, 10).await.expect("read")),
-        [9, 10, 11]
+        reads_past_the_front(&s.store).await,
+        (vec![7, 8], vec![9, 10, 11])
     );
     s.close();
+}
+
+/// The sequences of two reads: two records from the start, then the rest after sequence 8.
+async fn reads_past_the_front(store: &Store) -> (Vec<u64>, Vec<u64>) {
+    let seqs = |found: Vec<(u64, OutboxRecord)>| found.into_iter().map(|(q, _)| q).collect();
+    (
+        seqs(store.read_between(0, 100, 2).await.expect("read")),
+        seqs(store.read_after(8, 10).await.expect("read")),
+    )
 }

@@ -221,8 +221,8 @@ const MALLOC_ARENAS: i32 = 1;
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets a parameter of the allocator; it is called before any
-        // other thread of the process exists.
+        // SAFETY: mallopt changes one parameter of the allocator under the allocator's own
+        // lock, and takes no pointers; it runs before the runtime starts its threads.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
         }

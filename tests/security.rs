@@ -1658,6 +1658,9 @@ async fn uplink_bridges_to_a_hub_that_requires_tls_and_a_password() {
         ))
         .export("meters/#");
     let relay = Relay::start(cfg).await;
+    // Published once the hub link is up, so all five are live traffic and keep their order (a
+    // record accepted while the link is down is backlog, which live records may overtake).
+    relay.wait_log("hub connected", 1, REPLY).await;
     common::publish_all_v4(
         relay.port(),
         "meter",
@@ -1676,7 +1679,6 @@ async fn uplink_bridges_to_a_hub_that_requires_tls_and_a_password() {
         })
         .collect();
     assert_eq!(got, want);
-    relay.wait_log("hub connected", 1, REPLY).await;
 
     // With a wrong hub password nothing gets through, and neither password is in the log.
     let wrong = "wrong-hub-password-also-secret";

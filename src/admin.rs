@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::router::Router;
 use crate::downlink::DownlinkStatus;
 use crate::gate::GateShared;
+use crate::modbus::DeviceStats;
 use crate::serial::PortStats;
 use crate::store::OutboxStats;
 use crate::uplink::UplinkStatus;
@@ -39,6 +40,7 @@ pub struct Sources {
     pub uplink: Option<Arc<UplinkStatus>>,
     pub downlink: Option<Arc<DownlinkStatus>>,
     pub serial: Vec<(String, Arc<PortStats>)>,
+    pub modbus: Vec<(String, Arc<DeviceStats>)>,
     pub broker: Router,
     /// The process's kernel write count when the relay started.
     pub write_bytes_at_start: u64,
@@ -59,6 +61,9 @@ pub struct Status {
     pub serial: Vec<SerialStatus>,
     #[serde(default)]
     pub broker: RouterStatus,
+    /// Modbus devices (`[[modbus]]`).
+    #[serde(default)]
+    pub modbus: Vec<ModbusStatus>,
 }
 
 /// The local broker's router (`crate::broker::router`): its sessions, subscriptions and queues
@@ -208,6 +213,25 @@ pub struct SerialStatus {
     pub partial: u64,
 }
 
+/// One Modbus device: its state and its counters since start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ModbusStatus {
+    pub device: String,
+    pub online: bool,
+    pub polls: u64,
+    pub replies: u64,
+    pub timeouts: u64,
+    pub bad_frames: u64,
+    pub garbage_bytes: u64,
+    pub exceptions: u64,
+    pub published: u64,
+    pub writes: u64,
+    pub write_failures: u64,
+    pub commands_refused: u64,
+    pub commands_dropped: u64,
+}
+
 fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
     a.load(Ordering::Relaxed)
 }
@@ -347,6 +371,25 @@ impl Sources {
                     bad_cobs: load(&s.bad_cobs),
                     overlong: load(&s.overlong),
                     partial: load(&s.partial),
+                })
+                .collect(),
+            modbus: self
+                .modbus
+                .iter()
+                .map(|(device, s)| ModbusStatus {
+                    device: device.clone(),
+                    online: s.online.load(Ordering::Relaxed),
+                    polls: load(&s.polls),
+                    replies: load(&s.replies),
+                    timeouts: load(&s.timeouts),
+                    bad_frames: load(&s.bad_frames),
+                    garbage_bytes: load(&s.garbage_bytes),
+                    exceptions: load(&s.exceptions),
+                    published: load(&s.published),
+                    writes: load(&s.writes),
+                    write_failures: load(&s.write_failures),
+                    commands_refused: load(&s.commands_refused),
+                    commands_dropped: load(&s.commands_dropped),
                 })
                 .collect(),
             broker: {
@@ -735,7 +778,92 @@ pub fn metrics(s: &Status) -> String {
             &samples,
         );
     }
+    if !s.modbus.is_empty() {
+        let label = |d: &ModbusStatus, key: &str, value: &str| {
+            format!(
+                "{{device=\"{}\",{key}=\"{value}\"}}",
+                escape_label(&d.device)
+            )
+        };
+        let transactions: Vec<(String, f64)> = s
+            .modbus
+            .iter()
+            .flat_map(|d| {
+                [
+                    ("reply", d.replies),
+                    ("exception", d.exceptions),
+                    ("timeout", d.timeouts),
+                    ("bad_frame", d.bad_frames),
+                ]
+                .map(|(outcome, n)| (label(d, "outcome", outcome), f(n)))
+            })
+            .collect();
+        let commands: Vec<(String, f64)> = s
+            .modbus
+            .iter()
+            .flat_map(|d| {
+                [
+                    ("written", d.writes),
+                    ("failed", d.write_failures),
+                    ("refused", d.commands_refused),
+                    ("dropped", d.commands_dropped),
+                ]
+                .map(|(outcome, n)| (label(d, "outcome", outcome), f(n)))
+            })
+            .collect();
+        let device = |d: &ModbusStatus| format!("{{device=\"{}\"}}", escape_label(&d.device));
+        let online: Vec<(String, f64)> = s
+            .modbus
+            .iter()
+            .map(|d| (device(d), if d.online { 1.0 } else { 0.0 }))
+            .collect();
+        let garbage: Vec<(String, f64)> = s
+            .modbus
+            .iter()
+            .map(|d| (device(d), f(d.garbage_bytes)))
+            .collect();
+        let published: Vec<(String, f64)> = s
+            .modbus
+            .iter()
+            .map(|d| (device(d), f(d.published)))
+            .collect();
+        metric(
+            "modbus_transactions_total",
+            "counter",
+            "Modbus transactions by device and outcome.",
+            &borrow(&transactions),
+        );
+        metric(
+            "modbus_commands_total",
+            "counter",
+            "Commands to Modbus devices by outcome: written, failed on the bus, refused (bad register or value), dropped (port absent, queue full).",
+            &borrow(&commands),
+        );
+        metric(
+            "modbus_device_online",
+            "gauge",
+            "1 while the Modbus device answers, 0 once it stopped answering.",
+            &borrow(&online),
+        );
+        metric(
+            "modbus_garbage_bytes_total",
+            "counter",
+            "Bytes on the bus that were not part of a Modbus reply.",
+            &borrow(&garbage),
+        );
+        metric(
+            "modbus_values_published_total",
+            "counter",
+            "Register values and states published by Modbus device.",
+            &borrow(&published),
+        );
+    }
     out
+}
+
+/// Samples with owned labels, as `metric` takes them.
+fn borrow(samples: &[(String, f64)]) -> Vec<(&str, f64)> {
+    samples.iter().map(|(l, x)| (l.as_str(), *x)).collect()
 }
 
 fn escape_label(v: &str) -> String {
@@ -920,6 +1048,21 @@ pub fn summary(s: &Status) -> String {
             out,
             "serial {}: {} frames, dropped {} garbage {} bad COBS {} overlong {} partial",
             p.port, p.frames, p.garbage, p.bad_cobs, p.overlong, p.partial
+        );
+    }
+    for d in &s.modbus {
+        let _ = writeln!(
+            out,
+            "modbus {}: {}, {} replies, {} timeouts, {} bad frames, {} exceptions, {} writes ({} failed, {} refused)",
+            d.device,
+            if d.online { "online" } else { "offline" },
+            d.replies,
+            d.timeouts,
+            d.bad_frames,
+            d.exceptions,
+            d.writes,
+            d.write_failures,
+            d.commands_refused
         );
     }
     out

@@ -1,9 +1,9 @@
 //! Wires the components together and owns their lifetime.
 //!
 //! Start order: store (and its committer thread) → local broker → gate listener bound →
-//! uplink and downlink → serial ports. Shutdown: the edges (gate listener and connections,
-//! uplink, downlink, serial readers) are cancelled; each connection and serial port hands on
-//! what it had already read, so everything accepted reaches the outbox; then the last store handle is dropped and the committer makes its final
+//! uplink and downlink → serial ports and Modbus buses. Shutdown: the edges (gate listener and
+//! connections, uplink, downlink, serial readers, Modbus pollers) are cancelled; each connection,
+//! serial port and bus hands on what it had already read, so everything accepted reaches the outbox; then the last store handle is dropped and the committer makes its final
 //! commit. The whole drain is bounded by `shutdown_grace_ms`.
 
 use std::future::Future;
@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::downlink::{self, DownlinkSettings, DownlinkStatus};
 use crate::gate::{Gate, GateReload, GateSettings, TlsFiles};
 use crate::liveness::Liveness;
+use crate::modbus::{DeviceSettings, Modbus};
 use crate::serial::{PortSettings, Serial};
 use crate::store::users::Users;
 use crate::store::Store;
@@ -179,6 +180,18 @@ pub async fn run_with(
         serial_stats = serial.stats();
         tracker.spawn(serial.run(shutdown.clone()));
     }
+    let mut modbus_stats = Vec::new();
+    if !config.modbus.is_empty() {
+        let exports: Vec<_> = config.export.iter().map(|r| r.filter.clone()).collect();
+        let devices = config
+            .modbus
+            .iter()
+            .map(|d| DeviceSettings::from_config(d, &exports))
+            .collect();
+        let modbus = Modbus::start(devices, &router, &store).await?;
+        modbus_stats = modbus.stats();
+        tracker.spawn(modbus.run(shutdown.clone()));
+    }
     // The router's timers (wills, session expiry) and its `$SYS` statistics; its loop is one of
     // the core loops the watchdog watches.
     tracker.spawn(sys::run(
@@ -195,6 +208,7 @@ pub async fn run_with(
         uplink: uplink_status.clone(),
         downlink: downlink_status,
         serial: serial_stats,
+        modbus: modbus_stats,
         broker: router.clone(),
         write_bytes_at_start,
     });

@@ -15,6 +15,9 @@ use serde::{Deserialize, Deserializer};
 
 use crate::mapping::{self, TopicFilter};
 
+pub mod modbus;
+pub use modbus::{ModbusConfig, RegisterConfig, RegisterKind, ValueType};
+
 /// The configuration used by `relaybox run` when no file is given.
 pub const EMBEDDED_DEFAULT: &str = r#"
 [relay]
@@ -54,6 +57,9 @@ pub struct Config {
     /// Serial ports whose frames become messages (`[[serial]]`).
     #[serde(default)]
     pub serial: Vec<SerialConfig>,
+    /// Modbus RTU devices whose registers become messages (`[[modbus]]`).
+    #[serde(default)]
+    pub modbus: Vec<ModbusConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -692,6 +698,7 @@ impl Config {
             acl: Vec::new(),
             admin: AdminConfig::default(),
             serial: Vec::new(),
+            modbus: Vec::new(),
         })
     }
 
@@ -956,7 +963,36 @@ impl Config {
                 "must be at least 1".to_owned(),
             ));
         }
-        self.validate_serial(text, path)
+        self.validate_serial(text, path)?;
+        self.validate_modbus(text, path)
+    }
+
+    /// Checks between `[[modbus]]` devices, their registers and the rest of the config.
+    fn validate_modbus(&self, text: &str, path: &str) -> Result<(), ConfigError> {
+        let serial_paths: Vec<PathBuf> = self.serial.iter().map(|p| p.path.clone()).collect();
+        let mut registers_before = 0;
+        for i in 0..self.modbus.len() {
+            if let Err(p) = modbus::check(&self.modbus, i, self.uplink.is_some(), &serial_paths) {
+                let (line, key) = match p.register {
+                    None => (
+                        table_key_line(text, "modbus", i, p.key),
+                        format!("modbus.{}", p.key),
+                    ),
+                    Some(j) => (
+                        table_key_line(text, "modbus.register", registers_before + j, p.key),
+                        format!("modbus.register.{}", p.key),
+                    ),
+                };
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    line,
+                    key: format!("key `{key}`: "),
+                    message: p.message,
+                });
+            }
+            registers_before += self.modbus[i].register.len();
+        }
+        Ok(())
     }
 
     /// Checks between `[[serial]]` ports and against the rest of the config.

@@ -186,6 +186,14 @@ pub async fn local_subscriber(
 }
 
 impl LocalSubscriber {
+    /// Drops what the subscription brought from the retained messages: on a command topic, a
+    /// retained message is an old command, which a device must not act on at start.
+    pub fn skip_retained(&mut self) {
+        for d in self.buf.drain(..) {
+            self.handle.acknowledged(&d);
+        }
+    }
+
     /// The next message (topic, payload); `None` once another client took the client id (the
     /// session is gone). Cancel safe: a message is only taken off when it is returned.
     pub async fn next(&mut self) -> Option<(String, Bytes)> {

@@ -11,6 +11,7 @@ pub enum Origin {
     Unspecified = 0,
     Mqtt = 1,
     Serial = 2,
+    Modbus = 3,
 }
 
 /// `relaybox.v1.Header`

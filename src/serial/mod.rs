@@ -488,22 +488,33 @@ impl Reader<'_> {
     }
 }
 
-/// Opens the port on a blocking thread: opening a tty talks to its driver (a USB adapter may
-/// take a while) and must not hold up a runtime worker.
 async fn open_port(s: &PortSettings) -> Result<SerialStream, tokio_serial::Error> {
-    let builder = tokio_serial::new(s.path.to_string_lossy(), s.baud)
-        .data_bits(match s.data_bits {
+    open_tty(&s.path, s.baud, s.data_bits, s.parity, s.stop_bits).await
+}
+
+/// Opens a serial port with the given line settings, raw, without flow control (also used by
+/// the Modbus buses). It runs on a blocking thread: opening a tty talks to its driver (a USB
+/// adapter may take a while) and must not hold up a runtime worker.
+pub(crate) async fn open_tty(
+    path: &std::path::Path,
+    baud: u32,
+    data_bits: u8,
+    parity: Parity,
+    stop_bits: u8,
+) -> Result<SerialStream, tokio_serial::Error> {
+    let builder = tokio_serial::new(path.to_string_lossy(), baud)
+        .data_bits(match data_bits {
             5 => tokio_serial::DataBits::Five,
             6 => tokio_serial::DataBits::Six,
             7 => tokio_serial::DataBits::Seven,
             _ => tokio_serial::DataBits::Eight,
         })
-        .parity(match s.parity {
+        .parity(match parity {
             Parity::None => tokio_serial::Parity::None,
             Parity::Odd => tokio_serial::Parity::Odd,
             Parity::Even => tokio_serial::Parity::Even,
         })
-        .stop_bits(match s.stop_bits {
+        .stop_bits(match stop_bits {
             2 => tokio_serial::StopBits::Two,
             _ => tokio_serial::StopBits::One,
         })

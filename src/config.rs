@@ -1167,6 +1167,7 @@ mod tests {
         assert!(c.uplink.is_some());
         assert!(!c.export.is_empty());
         assert!(!c.serial.is_empty());
+        assert!(!c.modbus.is_empty());
     }
 
     fn err(text: &str) -> String {
@@ -1383,6 +1384,102 @@ mod tests {
             );
             assert!(!got.contains('\n'), "error is one line: {got}");
         }
+    }
+
+    #[test]
+    fn modbus_errors_name_file_line_and_key() {
+        // RELAY is 3 lines; the device starts at line 4.
+        let dev = |body: &str, regs: &str| {
+            format!(
+                "{RELAY}[[modbus]]\npath = \"/dev/ttyUSB0\"\ntopic = \"s/{{name}}/{{register}}\"\n{body}{regs}"
+            )
+        };
+        let reg = "[[modbus.register]]\nname = \"p\"\nkind = \"holding\"\naddress = 0\n";
+        let cases: Vec<(String, &str)> = vec![
+            (dev("unit = 0\n", reg), "r.toml:7: key `modbus.unit`: unit 0 must be a device address from 1 to 247"),
+            (dev("unit = 248\n", reg), "r.toml:7: key `modbus.unit`: unit 248"),
+            (dev("", reg), "r.toml:4: key `modbus`: missing field `unit`"),
+            (dev("unit = 1\npoll = \"fast\"\n", reg), "r.toml:8: key `modbus.poll`: duration \"fast\""),
+            (dev("unit = 1\n", ""), "r.toml:4: key `modbus.register`: a device needs at least one [[modbus.register]]"),
+            (
+                format!("{RELAY}[[modbus]]\npath = \"/dev/ttyUSB0\"\nunit = 1\ntopic = \"s/{{name}}\"\n{reg}"),
+                "r.toml:7: key `modbus.topic`: \"s/{name}\" needs {register} as a level of its own",
+            ),
+            (dev("unit = 1\ncommand_topic = \"c/+/{register}\"\n", reg), "r.toml:8: key `modbus.command_topic`: \"c/+/{register}\" must not hold wildcards"),
+            (
+                dev("unit = 1\ncommand_topic = \"s/{name}/{register}\"\n", reg),
+                "r.toml:8: key `modbus.command_topic`: \"s/ttyUSB0/+\" matches the value topic of register \"p\"",
+            ),
+            (dev("unit = 1\nexport = true\n", reg), "r.toml:8: key `modbus.export`: exporting Modbus values needs an [uplink]"),
+            (
+                dev("unit = 1\n", "[[modbus.register]]\nname = \"c\"\nkind = \"coil\"\naddress = 0\ntype = \"u16\"\n"),
+                "r.toml:12: key `modbus.register.type`: a coil register holds bool, not u16",
+            ),
+            (
+                dev("unit = 1\n", "[[modbus.register]]\nname = \"h\"\nkind = \"holding\"\naddress = 0\ntype = \"bool\"\n"),
+                "r.toml:12: key `modbus.register.type`: a holding register holds u16, i16, u32, i32 or f32, not bool",
+            ),
+            (
+                dev("unit = 1\n", "[[modbus.register]]\nname = \"h\"\nkind = \"holding\"\naddress = 65535\ntype = \"f32\"\n"),
+                "r.toml:11: key `modbus.register.address`: f32 at 65535 runs past address 65535",
+            ),
+            (
+                dev("unit = 1\n", "[[modbus.register]]\nname = \"h\"\nkind = \"holding\"\naddress = 0\nscale = 0\n"),
+                "r.toml:12: key `modbus.register.scale`: scale 0 must be a finite number other than 0",
+            ),
+            (
+                dev("unit = 1\n", "[[modbus.register]]\nname = \"a/b\"\nkind = \"holding\"\naddress = 0\n"),
+                "r.toml:9: key `modbus.register.name`: register name \"a/b\"",
+            ),
+            (
+                dev("unit = 1\n", &format!("{reg}{reg}")),
+                "r.toml:13: key `modbus.register.name`: register \"p\" is already named in this device",
+            ),
+            (
+                format!("{}[[modbus]]\nname = \"b\"\npath = \"/dev/ttyUSB0\"\nunit = 1\ntopic = \"t/{{register}}\"\n{reg}", dev("unit = 1\n", reg)),
+                "r.toml:15: key `modbus.unit`: unit 1 on /dev/ttyUSB0 is already configured (device \"ttyUSB0\")",
+            ),
+            (
+                format!("{}[[modbus]]\nname = \"b\"\npath = \"/dev/ttyUSB0\"\nunit = 2\nbaud = 19200\ntopic = \"t/{{register}}\"\n{reg}", dev("unit = 1\n", reg)),
+                "r.toml:16: key `modbus.baud`: devices on one bus (/dev/ttyUSB0) need the same baud",
+            ),
+            (
+                format!("{}[[modbus]]\npath = \"/dev/x/ttyUSB0\"\nunit = 2\ntopic = \"t/{{register}}\"\n{reg}", dev("unit = 1\n", reg)),
+                "r.toml:13: key `modbus.path`: a Modbus device named \"ttyUSB0\" is already configured",
+            ),
+            (
+                format!("{RELAY}[[serial]]\npath = \"/dev/ttyUSB0\"\nframing = \"line\"\ntopic = \"x\"\n[[modbus]]\npath = \"/dev/ttyUSB0\"\nunit = 1\ntopic = \"s/{{register}}\"\n{reg}"),
+                "r.toml:9: key `modbus.path`: /dev/ttyUSB0 is a [[serial]] port",
+            ),
+        ];
+        for (text, want) in &cases {
+            let got = err(text);
+            assert!(
+                got.starts_with(want),
+                "for {text:?}\n got: {got}\nwant: {want}…"
+            );
+            assert!(!got.contains('\n'), "error is one line: {got}");
+        }
+    }
+
+    #[test]
+    fn modbus_devices_parse_with_defaults() {
+        let text = format!(
+            "{RELAY}[[modbus]]\npath = \"/dev/ttyUSB0\"\nunit = 7\ntopic = \"s/{{name}}/{{register}}\"\n\
+             [[modbus.register]]\nname = \"c\"\nkind = \"coil\"\naddress = 1\n"
+        );
+        let c = Config::parse(&text, "r.toml").expect("config");
+        let d = &c.modbus[0];
+        assert_eq!(
+            (d.baud, d.data_bits, d.parity, d.stop_bits),
+            (9600, 8, Parity::None, 1)
+        );
+        assert_eq!(d.poll, std::time::Duration::from_secs(1));
+        assert_eq!(d.republish, std::time::Duration::from_secs(60));
+        assert_eq!(d.timeout, std::time::Duration::from_secs(1));
+        assert_eq!(d.device_name(), "ttyUSB0");
+        assert_eq!(d.register[0].value_type(), ValueType::Bool);
+        assert_eq!(d.topic_of("$state"), "s/ttyUSB0/$state");
     }
 
     #[test]

@@ -12,38 +12,21 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::modbus_sim::Sim;
 use common::pty::Pty;
 use common::{
     admin_get, admin_status, read_stream, toml_str, wait_until, NatsHub, Relay, RelayConfig,
     Subscriber,
 };
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn device_python() -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = std::process::Command::new(format!("{root}/scripts/interop-python"))
-        .output()
-        .expect("run scripts/interop-python");
-    assert!(
-        out.status.success(),
-        "scripts/interop-python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 /// Simulated devices on one bus, behind a link the relay opens.
 struct Bus {
-    sim: Child,
-    stdin: ChildStdin,
-    stdout: Lines<BufReader<ChildStdout>>,
-    sim_port: u16,
+    sim: Sim,
     link: PathBuf,
     bridge: Option<tokio::task::JoinHandle<()>>,
 }
@@ -51,35 +34,8 @@ struct Bus {
 impl Bus {
     /// Starts the simulated `units` and plugs the adapter in.
     async fn start(dir: &Path, units: &str) -> Bus {
-        let python = tokio::task::spawn_blocking(device_python)
-            .await
-            .expect("device python");
-        let sim_port = common::free_port();
-        let mut sim = tokio::process::Command::new(python)
-            .arg(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/modbus/device.py"
-            ))
-            .args(["--port", &sim_port.to_string(), "--units", units])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the simulated devices");
-        let stdin = sim.stdin.take().expect("stdin");
-        let mut stdout = BufReader::new(sim.stdout.take().expect("stdout")).lines();
-        let ready = tokio::time::timeout(WAIT, stdout.next_line())
-            .await
-            .expect("the simulated devices did not start within 20 s")
-            .expect("read the simulator")
-            .unwrap_or_default();
-        assert_eq!(ready, "ready");
         let mut bus = Bus {
-            sim,
-            stdin,
-            stdout,
-            sim_port,
+            sim: Sim::start(units).await,
             link: dir.join("rs485"),
             bridge: None,
         };
@@ -93,9 +49,7 @@ impl Bus {
         let pty = Pty::open();
         let _ = std::fs::remove_file(&self.link);
         std::os::unix::fs::symlink(&pty.slave_path, &self.link).expect("device link");
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.sim_port))
-            .await
-            .expect("connect to the simulated devices");
+        let tcp = self.sim.connect().await;
         self.bridge = Some(tokio::spawn(async move {
             let (mut rd, mut wr) = tcp.into_split();
             let to_devices = async {
@@ -142,28 +96,12 @@ impl Bus {
         }
     }
 
-    /// Sends a control line to the simulator; returns what follows "ok".
     async fn cmd(&mut self, line: &str) -> String {
-        self.stdin
-            .write_all(format!("{line}\n").as_bytes())
-            .await
-            .expect("write to the simulator");
-        let reply = tokio::time::timeout(WAIT, self.stdout.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("no reply to {line:?} within 20 s"))
-            .expect("read the simulator")
-            .unwrap_or_default();
-        let Some(rest) = reply.strip_prefix("ok") else {
-            panic!("{line:?}: {reply}");
-        };
-        rest.trim().to_owned()
+        self.sim.cmd(line).await
     }
 
     async fn reads(&mut self, unit: u8) -> u64 {
-        self.cmd(&format!("reads {unit}"))
-            .await
-            .parse()
-            .expect("a count")
+        self.sim.reads(unit).await
     }
 }
 
@@ -172,7 +110,6 @@ impl Drop for Bus {
         if let Some(b) = self.bridge.take() {
             b.abort();
         }
-        let _ = self.sim.start_kill();
     }
 }
 

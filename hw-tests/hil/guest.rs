@@ -101,6 +101,9 @@ pub enum SensorPort {
     None,
     /// A Unix socket QEMU listens on; the test connects and writes frames into it.
     Socket(PathBuf),
+    /// The same, with the guest's relay using the UART as a Modbus RTU bus (`rbx.uart=modbus`);
+    /// the test joins the socket to simulated devices.
+    Modbus(PathBuf),
 }
 
 /// The image's log-writes mode (`rbx.logwrites=1`, hw-tests/image/init): the store's disk is
@@ -198,10 +201,15 @@ impl Guest {
             .arg(&image.initrd)
             .arg("-append")
             .arg(format!(
-                "console=ttyS0 quiet panic=-1 rbx.hub_port={}{}",
+                "console=ttyS0 quiet panic=-1 rbx.hub_port={}{}{}",
                 self.hub_port,
                 if self.logwrites.is_some() {
                     " rbx.logwrites=1"
+                } else {
+                    ""
+                },
+                if matches!(self.sensor, SensorPort::Modbus(_)) {
+                    " rbx.uart=modbus"
                 } else {
                     ""
                 }
@@ -250,7 +258,7 @@ impl Guest {
             SensorPort::None => {
                 cmd.args(["-serial", "null"]);
             }
-            SensorPort::Socket(path) => {
+            SensorPort::Socket(path) | SensorPort::Modbus(path) => {
                 // QEMU listens; the test connects. `wait=off`: the guest boots without waiting.
                 cmd.arg("-chardev")
                     .arg(format!(

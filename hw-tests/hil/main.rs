@@ -30,6 +30,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::modbus_sim::Sim;
 use common::{
     publish_all_v4, raw, read_stream, send_signal, wait_exit, wait_stream_count,
     wait_stream_exists, HubMsg, NatsHub, RelayConfig, PREFIX, STREAM,
@@ -319,6 +320,102 @@ async fn uart_frames_reach_the_hub() {
         "HIL UART: {N} line frames written to the guest's PL011 (ttyAMA0) from a host socket, \
          all at the hub in order, exactly once, in {} s",
         secs(at_hub)
+    );
+}
+
+/// The newest payload the hub stream holds for `subject`.
+async fn hub_last(url: &str, subject: &str) -> Option<String> {
+    read_stream(url, STREAM, Duration::from_secs(10))
+        .await
+        .iter()
+        .rev()
+        .find(|m| m.subject == subject)
+        .map(HubMsg::payload_str)
+}
+
+/// Waits (bounded) until the newest payload of `subject` at the hub is `want`.
+async fn wait_hub_value(url: &str, subject: &str, want: &str, guest: &Guest) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = hub_last(url, subject).await;
+        if got.as_deref() == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{subject}: wanted {want:?} at the hub, newest {got:?}; console:\n{}",
+            common::tail(&guest.console(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modbus_device_on_the_uart() {
+    let _one = ONE_GUEST.lock().await;
+    let dir = artefacts("modbus");
+    // pymodbus serving unit 1 (tests/modbus/device.py), with power 23.4, temp 21.5, relay on.
+    let mut sim = Sim::start("1").await;
+    let temp = 21.5f32.to_bits();
+    sim.cmd("set 1 holding 0 234").await;
+    sim.cmd(&format!("set 1 input 10 {} {}", temp >> 16, temp & 0xffff))
+        .await;
+    sim.cmd("set 1 coil 3 1").await;
+    let hub = NatsHub::start().await;
+    let mut guest = Guest::new(&dir, hub.port);
+    let socket_dir = tempfile::Builder::new()
+        .prefix("rbx-modbus-")
+        .tempdir()
+        .expect("socket dir");
+    let socket = socket_dir.path().join("ttyAMA0.sock");
+    guest.sensor = SensorPort::Modbus(socket.clone());
+    guest.boot_ready().await;
+    // The guest's PL011 (hw-tests/image/uart-modbus.toml) joined to the simulated meter.
+    let uart = tokio::net::UnixStream::connect(&socket)
+        .await
+        .expect("connect to the guest's UART socket");
+    let device = sim.connect().await;
+    let wire = tokio::spawn(async move {
+        let (mut uart, mut device) = (uart, device);
+        let _ = tokio::io::copy_bidirectional(&mut uart, &mut device).await;
+    });
+    let url = hub.url();
+    let started = Instant::now();
+    wait_stream_exists(&url, STREAM, Duration::from_secs(30)).await;
+    for (leaf, want) in [
+        ("meter.power", "23.4"),
+        ("meter.temp", "21.5"),
+        ("meter.relay", "true"),
+        ("meter.$state", "online"),
+    ] {
+        wait_hub_value(&url, &subject(leaf), want, &guest).await;
+    }
+    let first = started.elapsed();
+
+    // A change, a command through the guest's MQTT port, a device that stops answering.
+    sim.cmd("set 1 holding 0 250").await;
+    wait_hub_value(&url, &subject("meter.power"), "25.0", &guest).await;
+    publish_all_v4(
+        guest.mqtt_port,
+        "hw-commander",
+        "commands/hw/meter/power",
+        vec![b"30.5".to_vec()],
+        Duration::from_secs(30),
+    )
+    .await;
+    wait_hub_value(&url, &subject("meter.power"), "30.5", &guest).await;
+    assert_eq!(sim.cmd("get 1 holding 0 1").await, "305");
+    sim.cmd("mute 1 on").await;
+    wait_hub_value(&url, &subject("meter.$state"), "offline", &guest).await;
+    sim.cmd("mute 1 off").await;
+    wait_hub_value(&url, &subject("meter.$state"), "online", &guest).await;
+    guest.assert_alive();
+    wire.abort();
+    println!(
+        "HIL Modbus: pymodbus on the guest's PL011 (ttyAMA0): the first values at the hub {} s \
+         after the device was joined to the UART, scaled; a change, a command written to the \
+         holding register, offline and back",
+        secs(first)
     );
 }
 

@@ -391,14 +391,7 @@ pub struct SerialConfig {
 impl SerialConfig {
     /// The port's name: `name`, or the file name of `path`.
     pub fn port_name(&self) -> String {
-        match &self.name {
-            Some(name) => name.clone(),
-            None => self
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        }
+        name_or_file_name(self.name.as_deref(), &self.path)
     }
 
     /// `topic` with the port's name in place of `{name}`.
@@ -428,6 +421,17 @@ fn default_max_frame() -> usize {
 }
 fn default_gap_timeout_ms() -> u64 {
     200
+}
+
+/// `name`, or else the file name of `path` (`/dev/ttyUSB0` → `ttyUSB0`).
+fn name_or_file_name(name: Option<&str>, path: &Path) -> String {
+    match name {
+        Some(name) => name.to_owned(),
+        None => path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    }
 }
 
 fn valid_port_name(name: &str) -> bool {

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use super::{baud, data_bits, duration, serial_name, stop_bits, valid_port_name, Parity};
+use super::{
+    baud, data_bits, duration, name_or_file_name, serial_name, stop_bits, valid_port_name, Parity,
+};
 use crate::mapping::{self, TopicFilter};
 
 /// One Modbus RTU device (one unit address on one port).
@@ -146,14 +148,7 @@ impl RegisterConfig {
 impl ModbusConfig {
     /// The device's name: `name`, or the file name of `path`.
     pub fn device_name(&self) -> String {
-        match &self.name {
-            Some(name) => name.clone(),
-            None => self
-                .path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        }
+        name_or_file_name(self.name.as_deref(), &self.path)
     }
 
     /// The topic of `register` (a register's name, or `$state`).

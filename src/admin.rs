@@ -99,6 +99,9 @@ pub struct RouterStatus {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MqttStatus {
     pub clients_connected: u64,
+    /// Of those, the ones parked: quiet plain-TCP clients waiting without a task.
+    #[serde(default)]
+    pub clients_parked: u64,
     pub connections_total: u64,
     pub refused_busy: u64,
     pub auth_failures: u64,
@@ -279,6 +282,7 @@ impl Sources {
             uptime_s: self.started.elapsed().as_secs(),
             mqtt: MqttStatus {
                 clients_connected: load(&g.connected),
+                clients_parked: self.gate.parked(),
                 connections_total: load(&g.connections),
                 refused_busy: load(&g.refused_busy),
                 auth_failures: load(&g.auth_failures),
@@ -460,6 +464,12 @@ pub fn metrics(s: &Status) -> String {
         "gauge",
         "MQTT clients connected now.",
         &[("", f(s.mqtt.clients_connected))],
+    );
+    metric(
+        "mqtt_clients_parked",
+        "gauge",
+        "MQTT clients connected now that are parked (quiet, waiting without a task of their own).",
+        &[("", f(s.mqtt.clients_parked))],
     );
     metric(
         "mqtt_connections_total",

@@ -117,6 +117,9 @@ pub struct SessionHandle {
     kick: Mutex<CancellationToken>,
     persistent: std::sync::atomic::AtomicBool,
     router: std::sync::Weak<RouterShared>,
+    /// Set while the session's connection is parked (`gate::park`): called when a delivery or
+    /// a take-over must wake it.
+    wake: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 impl std::fmt::Debug for SessionHandle {
@@ -136,6 +139,31 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SessionHandle {
+    /// Makes the connection serving the session let go (a take-over).
+    fn kick(&self) {
+        lock(&self.kick).cancel();
+        self.wake_parked();
+    }
+
+    /// Sets (`Some`) or clears the hook that wakes the session's parked connection. Returns
+    /// whether it must wake at once: deliveries are waiting, or it was taken over (`kicked`).
+    pub fn set_wake(
+        &self,
+        wake: Option<Arc<dyn Fn() + Send + Sync>>,
+        kicked: &CancellationToken,
+    ) -> bool {
+        let arming = wake.is_some();
+        *lock(&self.wake) = wake;
+        arming && (!lock(&self.queue).items.is_empty() || kicked.is_cancelled())
+    }
+
+    fn wake_parked(&self) {
+        let wake = lock(&self.wake).clone();
+        if let Some(wake) = wake {
+            wake();
+        }
+    }
+
     /// Waits until deliveries may be waiting.
     pub async fn notified(&self) {
         self.notify.notified().await;
@@ -199,6 +227,7 @@ impl SessionHandle {
                 .fetch_add(n as u64, Ordering::Relaxed);
         }
         self.notify.notify_one();
+        self.wake_parked();
     }
 
     /// Whether deliveries are waiting.
@@ -440,7 +469,7 @@ impl Router {
                         return Err(StoreError::Closed);
                     };
                     if entry.online {
-                        lock(&entry.handle.kick).cancel();
+                        entry.handle.kick();
                     } else {
                         self.0
                             .stats
@@ -457,7 +486,7 @@ impl Router {
                 _ => {
                     if let Some(id) = existing {
                         if let Some(old) = st.sessions.get(&id) {
-                            lock(&old.handle.kick).cancel();
+                            old.handle.kick();
                         }
                         removals.extend(self.end_session(st, id));
                     }
@@ -472,6 +501,7 @@ impl Router {
                         kick: Mutex::new(CancellationToken::new()),
                         persistent: (expiry > 0).into(),
                         router: Arc::downgrade(&self.0),
+                        wake: Mutex::new(None),
                     });
                     st.sessions.insert(
                         id,
@@ -891,6 +921,7 @@ impl Router {
             self.0.queued_add(size);
             self.0.stats.queued_messages.fetch_add(1, Ordering::Relaxed);
             handle.notify.notify_one();
+            handle.wake_parked();
         } else {
             let n = self.0.stats.dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {
@@ -1005,6 +1036,7 @@ impl Router {
                     kick: Mutex::new(CancellationToken::new()),
                     persistent: true.into(),
                     router: Arc::downgrade(&self.0),
+                    wake: Mutex::new(None),
                 });
                 st.by_client.insert(handle.client_id.clone(), id);
                 st.sessions.insert(

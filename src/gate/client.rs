@@ -14,6 +14,7 @@
 //! Deliveries come from the session's queue in the router, as many as the client's Receive
 //! Maximum lets out unacknowledged; QoS 0 ones are not held back.
 
+use std::any::{Any, TypeId};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,12 +22,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::acl::Who;
 use super::auth::Auth;
+use super::park::{Parked, Parker, PARK_AFTER, PARK_FIRST};
 use super::tls::Tls;
 use super::{GateSettings, GateStats};
 use crate::broker::codec::{
@@ -49,7 +52,16 @@ pub struct Shared {
     pub(super) slots: Arc<Semaphore>,
     pub(super) last_busy_warning: AtomicU64,
     pub(super) started: Instant,
+    /// Where quiet plain-TCP connections wait without a task (`None`: they keep theirs).
+    pub(super) parker: Option<Parker>,
     pub stats: GateStats,
+}
+
+impl Shared {
+    /// Connections parked now.
+    pub fn parked(&self) -> u64 {
+        self.parker.as_ref().map_or(0, Parker::parked)
+    }
 }
 
 /// Why a CONNECT is refused.
@@ -163,17 +175,55 @@ enum ConnError {
     Store(StoreError),
 }
 
+/// What a connection holds from the gate for as long as it lives, parked or not: its place
+/// under `max_connections`, and its place in the gate's task tracker (so that a shutdown waits
+/// for it). Held only to be dropped with the connection.
+#[allow(dead_code)]
+pub(super) struct Held {
+    pub permit: Option<OwnedSemaphorePermit>,
+    pub token: Option<TaskTrackerToken>,
+}
+
 pub(super) async fn serve<S>(
     shared: Arc<Shared>,
     stream: S,
     peer: SocketAddr,
     cert_user: Option<String>,
     shutdown: CancellationToken,
+    held: Held,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     shared.stats.connected.fetch_add(1, Ordering::Relaxed);
-    let result = run(&shared, stream, cert_user, &shutdown).await;
+    // Only a plain TCP connection can park: its whole transport state is the socket.
+    let parkable =
+        shared.parker.is_some() && TypeId::of::<S>() == TypeId::of::<tokio::net::TcpStream>();
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut buf = BytesMut::new();
+    // The handshake's state is boxed: it is done with once the client is in, and a connection
+    // that then waits for its client carries none of it.
+    let started = Box::pin(handshake(
+        &shared, &mut rd, &mut wr, &mut buf, cert_user, &shutdown,
+    ))
+    .await;
+    match started {
+        Ok(Some(started)) => {
+            let on = Going {
+                started,
+                shutdown,
+                held,
+                peer,
+                parkable,
+            };
+            Box::pin(drive(shared, rd, wr, buf, on)).await;
+        }
+        Ok(None) => ended(&shared, peer, Ok(())),
+        Err(e) => ended(&shared, peer, Err(e)),
+    }
+}
+
+/// Counts a connection's end and logs it.
+fn ended(shared: &Shared, peer: SocketAddr, result: Result<(), ConnError>) {
     shared.stats.connected.fetch_sub(1, Ordering::Relaxed);
     match result {
         Ok(()) => tracing::debug!(%peer, "client connection closed"),
@@ -191,6 +241,81 @@ pub(super) async fn serve<S>(
     }
 }
 
+/// A connection that is in: what it needs to go on, after its handshake or after parking.
+struct Going {
+    started: Started,
+    shutdown: CancellationToken,
+    held: Held,
+    peer: SocketAddr,
+    parkable: bool,
+}
+
+/// A parked connection's state (`park::Parked` holds it beside the socket).
+pub(super) struct Resume {
+    conn: Conn,
+    /// Boxed: most clients have none, and it is large.
+    will: Option<Box<(Message, u32)>>,
+    generation: u64,
+    kicked: CancellationToken,
+    shutdown: CancellationToken,
+    held: Held,
+    peer: SocketAddr,
+}
+
+impl Resume {
+    /// When the client's keep-alive runs out.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        self.conn.deadline.map(tokio::time::Instant::into_std)
+    }
+
+    /// Hooks `wake` to the session; true when it must wake at once.
+    pub(super) fn arm(&self, wake: Arc<dyn Fn() + Send + Sync>) -> bool {
+        self.conn.handle.set_wake(Some(wake), &self.kicked) || self.shutdown.is_cancelled()
+    }
+
+    pub(super) fn disarm(&self) {
+        self.conn.handle.set_wake(None, &self.kicked);
+    }
+}
+
+/// Serves a parked connection again (the parker calls it on the runtime).
+pub(super) fn resume(p: Parked) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(async move {
+        let Resume {
+            mut conn,
+            will,
+            generation,
+            kicked,
+            shutdown,
+            held,
+            peer,
+        } = *p.state;
+        let shared = conn.shared.clone();
+        match tokio::net::TcpStream::from_std(p.stream) {
+            Ok(tcp) => {
+                let (rd, wr) = tokio::io::split(tcp);
+                let on = Going {
+                    started: Started {
+                        conn,
+                        will: will.map(|w| *w),
+                        generation,
+                        kicked,
+                    },
+                    shutdown,
+                    held,
+                    peer,
+                    parkable: true,
+                };
+                drive(shared, rd, wr, BytesMut::new(), on).await;
+            }
+            Err(error) => {
+                Box::pin(conn.finish(will.map(|w| *w), generation)).await;
+                drop(held);
+                ended(&shared, peer, Err(error.into()));
+            }
+        }
+    })
+}
 /// Reads one whole packet; `None` at a clean end of stream.
 async fn read_packet<R: AsyncRead + Unpin>(
     rd: &mut R,
@@ -251,26 +376,23 @@ async fn read_connect<R: AsyncRead + Unpin>(
     read_packet(rd, buf, max).await
 }
 
-async fn run<S>(
-    shared: &Shared,
-    stream: S,
-    cert_user: Option<String>,
-    shutdown: &CancellationToken,
-) -> Result<(), ConnError>
-where
-    S: AsyncRead + AsyncWrite + Send + Unpin,
+/// Serves a client that is in until the connection ends, or until it parks.
+async fn drive<S>(
+    shared: Arc<Shared>,
+    mut rd: ReadHalf<S>,
+    mut wr: WriteHalf<S>,
+    mut buf: BytesMut,
+    on: Going,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut buf = BytesMut::new();
-    // The handshake's state is boxed: it is done with once the client is in, and a connection
-    // that then waits for its client carries none of it.
-    let Some(started) = Box::pin(handshake(
-        shared, &mut rd, &mut wr, &mut buf, cert_user, shutdown,
-    ))
-    .await?
-    else {
-        return Ok(());
-    };
+    let Going {
+        started,
+        shutdown,
+        held,
+        peer,
+        parkable,
+    } = on;
     let Started {
         mut conn,
         will,
@@ -281,6 +403,7 @@ where
     // Made at the first PUBLISH: a connection that only subscribes, or waits, has none.
     let mut pipeline: Option<Pipeline> = None;
     let result = loop {
+        let park = parkable && pipeline.is_none();
         let (pipe, stages) = match pipeline.as_mut() {
             Some(p) => (Some((&p.pending, &mut p.acks)), Some(p.stages.as_mut())),
             None => (None, None),
@@ -292,7 +415,7 @@ where
             }
         };
         let served = tokio::select! {
-            r = conn.serve(&mut rd, &mut wr, &mut buf, pipe, &kicked, shutdown) => r,
+            r = conn.serve(&mut rd, &mut wr, &mut buf, pipe, Watch { kicked: &kicked, shutdown: &shutdown, park }) => r,
             // The pipeline never ends before the reader does (it holds the sender).
             () = stages => Served::End(Ok(())),
         };
@@ -303,6 +426,19 @@ where
                 // The new queue has room for this one.
                 let _ = p.pending.try_send(*first);
                 pipeline = Some(p);
+            }
+            Served::Park => {
+                let state = Box::new(Resume {
+                    conn,
+                    will: will.map(Box::new),
+                    generation,
+                    kicked,
+                    shutdown,
+                    held,
+                    peer,
+                });
+                park_connection(rd.unsplit(wr), state);
+                return;
             }
         }
     };
@@ -331,13 +467,58 @@ where
     let _ = wr.flush().await;
     let _ = wr.shutdown().await;
     Box::pin(conn.finish(will, generation)).await;
-    result
+    drop(held);
+    ended(&shared, peer, result);
+}
+
+/// Hands a quiet TCP connection to the parker. A stream that is not TCP (never asked to park)
+/// or that cannot leave the runtime is served on at once.
+fn park_connection<S: Send + 'static>(stream: S, state: Box<Resume>) {
+    let boxed: Box<dyn Any + Send> = Box::new(stream);
+    let parked = match boxed.downcast::<tokio::net::TcpStream>() {
+        Ok(tcp) => match tcp.into_std() {
+            Ok(stream) => Parked { stream, state },
+            Err(error) => {
+                // The socket is unusable: end the connection as a failed one.
+                let shared = state.conn.shared.clone();
+                tokio::spawn(async move {
+                    let Resume {
+                        mut conn,
+                        will,
+                        generation,
+                        held,
+                        peer,
+                        ..
+                    } = *state;
+                    Box::pin(conn.finish(will.map(|w| *w), generation)).await;
+                    drop(held);
+                    ended(&shared, peer, Err(error.into()));
+                });
+                return;
+            }
+        },
+        Err(_) => {
+            tracing::error!("a connection that is not plain TCP was asked to park");
+            return;
+        }
+    };
+    let shared = parked.state.conn.shared.clone();
+    match &shared.parker {
+        Some(parker) => {
+            if let Err(p) = parker.park(parked) {
+                tokio::spawn(resume(p));
+            }
+        }
+        None => {
+            tokio::spawn(resume(parked));
+        }
+    }
 }
 
 /// A client let in: its connection state, its will, its session's generation, and the token
 /// that fires when another connection takes the session over.
-struct Started<'a> {
-    conn: Conn<'a>,
+struct Started {
+    conn: Conn,
     will: Option<(Message, u32)>,
     generation: u64,
     kicked: CancellationToken,
@@ -345,14 +526,14 @@ struct Started<'a> {
 
 /// CONNECT, login, the session, CONNACK. `None` when the client left (or the relay stopped)
 /// before it sent CONNECT.
-async fn handshake<'a, R, W>(
-    shared: &'a Shared,
+async fn handshake<R, W>(
+    shared: &Arc<Shared>,
     rd: &mut R,
     wr: &mut W,
     buf: &mut BytesMut,
     cert_user: Option<String>,
     shutdown: &CancellationToken,
-) -> Result<Option<Started<'a>>, ConnError>
+) -> Result<Option<Started>, ConnError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -454,20 +635,18 @@ where
         .await?;
 
     let conn = Conn {
-        shared,
+        shared: shared.clone(),
         version,
         client_id: handle.client_id.clone(),
         user,
         handle: handle.clone(),
         keep_alive: connect.keep_alive,
         session_expiry: connect.session_expiry,
-        aliases_in: HashMap::new(),
-        qos2_in: HashSet::new(),
         inflight_in: 0,
-        denials_logged: HashSet::new(),
+        maps: None,
         out: BTreeMap::new(),
-        out_pids: HashMap::new(),
         sends: 0,
+        spoke: false,
         held: VecDeque::new(),
         next_pid: 0,
         receive_maximum: usize::from(connect.receive_maximum),
@@ -475,7 +654,6 @@ where
             .maximum_packet_size
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         alias_max_out: connect.topic_alias_maximum,
-        aliases_out: HashMap::new(),
         wbuf: BytesMut::new(),
         ending: Ending::WithWill,
         disconnect_expiry: None,
@@ -531,6 +709,36 @@ enum Served {
     End(Result<(), ConnError>),
     /// The first PUBLISH came and there is no pipeline yet: make one, hand it this, serve on.
     Publish(Box<Pending>),
+    /// The client has been quiet for `PARK_AFTER` with nothing buffered: park it.
+    Park,
+}
+
+/// How long a connection must be quiet before it parks: [`PARK_AFTER`], or [`PARK_FIRST`] while
+/// the client has sent nothing since its CONNECT. A client that connects and then only waits
+/// leaves its task at once, so a burst of such connections (an office's sensors after a power
+/// cut) never holds a task each.
+fn park_after(spoke: bool) -> Duration {
+    if spoke {
+        PARK_AFTER
+    } else {
+        PARK_FIRST
+    }
+}
+
+/// What ends or parks a connection besides its client: a take-over, the relay's shutdown, and
+/// whether it may park now.
+#[derive(Clone, Copy)]
+struct Watch<'a> {
+    kicked: &'a CancellationToken,
+    shutdown: &'a CancellationToken,
+    park: bool,
+}
+
+/// Why [`Conn::serve_inner`] returned without an error.
+enum Inner {
+    End,
+    Publish(Box<Pending>),
+    Park,
 }
 
 /// Logs a client in: the user it is known as, its client id, and whether that id was
@@ -667,33 +875,31 @@ struct Outflight {
 }
 
 /// An authenticated client's connection.
-struct Conn<'a> {
-    shared: &'a Shared,
+struct Conn {
+    shared: Arc<Shared>,
     version: Version,
     client_id: Arc<str>,
     user: Option<String>,
     handle: Arc<SessionHandle>,
     keep_alive: u16,
     session_expiry: u32,
-    // What the client sends.
-    aliases_in: HashMap<u16, Arc<str>>,
-    /// QoS 2 publishes received whose PUBREL has not come yet.
-    qos2_in: HashSet<u16>,
     /// QoS 1/2 publishes received and not finished (against the relay's Receive Maximum).
     inflight_in: usize,
-    denials_logged: HashSet<String>,
+    /// The maps of the flows under way, made when the first one starts: a connection that
+    /// only waits carries none.
+    maps: Option<Box<Maps>>,
     // What the client is sent.
     /// Sent and not finished, in the order sent.
     out: BTreeMap<u64, Outflight>,
-    out_pids: HashMap<u16, u64>,
     sends: u64,
+    /// The client has sent a packet since its CONNECT.
+    spoke: bool,
     /// Taken from the session's queue, waiting for room under the client's Receive Maximum.
     held: VecDeque<Delivery>,
     next_pid: u16,
     receive_maximum: usize,
     maximum_packet_size: Option<usize>,
     alias_max_out: u16,
-    aliases_out: HashMap<Arc<str>, u16>,
     wbuf: BytesMut,
     ending: Ending,
     disconnect_expiry: Option<u32>,
@@ -701,7 +907,35 @@ struct Conn<'a> {
     deadline: Option<tokio::time::Instant>,
 }
 
-impl Conn<'_> {
+/// A connection's maps of protocol flows (see [`Conn::maps`]).
+#[derive(Default)]
+struct Maps {
+    /// Topic aliases the client set.
+    aliases_in: HashMap<u16, Arc<str>>,
+    /// QoS 2 publishes received whose PUBREL has not come yet.
+    qos2_in: HashSet<u16>,
+    /// Denials already logged (each once per connection).
+    denials_logged: HashSet<String>,
+    /// Packet id → send number of the deliveries in `out`.
+    out_pids: HashMap<u16, u64>,
+    /// Topic aliases the relay set towards the client.
+    aliases_out: HashMap<Arc<str>, u16>,
+}
+
+/// The maps of a connection that has none yet.
+static NO_MAPS: std::sync::LazyLock<Maps> = std::sync::LazyLock::new(Maps::default);
+
+impl Conn {
+    /// The flows' maps, to read.
+    fn maps(&self) -> &Maps {
+        self.maps.as_deref().unwrap_or(&NO_MAPS)
+    }
+
+    /// The flows' maps, to change (made at the first change).
+    fn maps_mut(&mut self) -> &mut Maps {
+        self.maps.get_or_insert_with(Box::default)
+    }
+
     fn who(&self) -> Who<'_> {
         Who {
             user: self.user.as_deref(),
@@ -745,19 +979,16 @@ impl Conn<'_> {
         wr: &mut W,
         buf: &mut BytesMut,
         mut pipe: Option<(&mpsc::Sender<Pending>, &mut mpsc::Receiver<Reply>)>,
-        kicked: &CancellationToken,
-        shutdown: &CancellationToken,
+        watch: Watch<'_>,
     ) -> Served
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        match self
-            .serve_inner(rd, wr, buf, &mut pipe, kicked, shutdown)
-            .await
-        {
-            Ok(Some(first)) => Served::Publish(first),
-            Ok(None) => Served::End(Ok(())),
+        match self.serve_inner(rd, wr, buf, &mut pipe, watch).await {
+            Ok(Inner::Publish(first)) => Served::Publish(first),
+            Ok(Inner::Park) => Served::Park,
+            Ok(Inner::End) => Served::End(Ok(())),
             Err(e) => Served::End(Err(e)),
         }
     }
@@ -768,13 +999,17 @@ impl Conn<'_> {
         wr: &mut W,
         buf: &mut BytesMut,
         pipe: &mut Option<(&mpsc::Sender<Pending>, &mut mpsc::Receiver<Reply>)>,
-        kicked: &CancellationToken,
-        shutdown: &CancellationToken,
-    ) -> Result<Option<Box<Pending>>, ConnError>
+        watch: Watch<'_>,
+    ) -> Result<Inner, ConnError>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
+        let Watch {
+            kicked,
+            shutdown,
+            park,
+        } = watch;
         let max = self.shared.settings.max_packet_size;
         // A client with a keep-alive must send some packet within 1.5 times it [MQTT-3.1.2-24];
         // keep-alive 0 turns this off.
@@ -783,12 +1018,19 @@ impl Conn<'_> {
         if self.deadline.is_none() {
             self.deadline = silence.map(|s| tokio::time::Instant::now() + s);
         }
-        // One timer for the keep-alive, set again only when it fires early: a packet moves the
-        // deadline, not the timer.
-        let timer = tokio::time::sleep_until(
-            self.deadline
-                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400)),
-        );
+        // One timer for the keep-alive and for parking, set again only when it fires early: a
+        // packet moves the deadline and the time the client went quiet, not the timer.
+        let mut quiet_since = tokio::time::Instant::now();
+        let next_wake =
+            |deadline: Option<tokio::time::Instant>, quiet: tokio::time::Instant, spoke: bool| {
+                let park_at = park.then_some(quiet + park_after(spoke));
+                match (deadline, park_at) {
+                    (Some(d), Some(p)) => d.min(p),
+                    (Some(t), None) | (None, Some(t)) => t,
+                    (None, None) => tokio::time::Instant::now() + Duration::from_secs(86_400),
+                }
+            };
+        let timer = tokio::time::sleep_until(next_wake(self.deadline, quiet_since, self.spoke));
         tokio::pin!(timer);
         let handle = self.handle.clone();
         loop {
@@ -812,29 +1054,41 @@ impl Conn<'_> {
                 _ = kicked.cancelled() => {
                     self.disconnect(SESSION_TAKEN_OVER, Some("another connection took the session"));
                     self.flush(wr).await?;
-                    return Ok(None);
+                    return Ok(Inner::End);
                 }
                 _ = shutdown.cancelled() => {
                     self.ending = Ending::Normal;
                     self.disconnect(SERVER_SHUTTING_DOWN, Some("the relay is shutting down"));
-                    return Ok(None);
+                    // Written now: what follows only drains the publish pipeline.
+                    self.flush(wr).await?;
+                    return Ok(Inner::End);
                 }
-                Some(reply) = acks => self.reply(reply)?,
-                () = timer.as_mut(), if silence.is_some() => {
-                    match self.deadline {
-                        Some(at) if at > tokio::time::Instant::now() => timer.as_mut().reset(at),
-                        _ => {
-                            self.disconnect(KEEP_ALIVE_TIMEOUT, None);
-                            self.flush(wr).await?;
-                            return Err(ConnError::KeepAliveTimeout(silence.unwrap_or_default()));
-                        }
+                Some(reply) = acks => {
+                    quiet_since = tokio::time::Instant::now();
+                    self.reply(reply)?;
+                }
+                () = timer.as_mut(), if silence.is_some() || park => {
+                    let now = tokio::time::Instant::now();
+                    if self.deadline.is_some_and(|at| at <= now) {
+                        self.disconnect(KEEP_ALIVE_TIMEOUT, None);
+                        self.flush(wr).await?;
+                        return Err(ConnError::KeepAliveTimeout(silence.unwrap_or_default()));
                     }
+                    if park && quiet_since + park_after(self.spoke) <= now {
+                        if buf.is_empty() && self.wbuf.is_empty() && self.held.is_empty() {
+                            return Ok(Inner::Park);
+                        }
+                        quiet_since = now;
+                    }
+                    timer.as_mut().reset(next_wake(self.deadline, quiet_since, self.spoke));
                 }
-                () = handle.notified(), if can_send => {}
+                () = handle.notified(), if can_send => {
+                    quiet_since = tokio::time::Instant::now();
+                }
                 r = read_packet(rd, buf, max) => {
                     let packet = match r {
                         Ok(Some(p)) => p,
-                        Ok(None) => return Ok(None),
+                        Ok(None) => return Ok(Inner::End),
                         Err(ConnError::Codec(e)) => {
                             self.disconnect(e.reason(), None);
                             self.flush(wr).await?;
@@ -842,13 +1096,15 @@ impl Conn<'_> {
                         }
                         Err(e) => return Err(e),
                     };
-                    self.deadline = silence.map(|s| tokio::time::Instant::now() + s);
+                    quiet_since = tokio::time::Instant::now();
+                    self.spoke = true;
+                    self.deadline = silence.map(|s| quiet_since + s);
                     let pending = pipe.as_ref().map(|(p, _)| *p);
                     // Boxed: what handling a packet needs is not carried while waiting.
                     match Box::pin(self.packet(&packet, pending)).await {
                         Ok(Step::Go) => {}
-                        Ok(Step::Stop) => return Ok(None),
-                        Ok(Step::Publish(first)) => return Ok(Some(first)),
+                        Ok(Step::Stop) => return Ok(Inner::End),
+                        Ok(Step::Publish(first)) => return Ok(Inner::Publish(first)),
                         Err(e) => {
                             let reason = match &e {
                                 ConnError::Codec(c) => c.reason(),
@@ -900,7 +1156,7 @@ impl Conn<'_> {
                             self.inflight_in = self.inflight_in.saturating_sub(1);
                         }
                         if qos == 2 {
-                            self.qos2_in.remove(&pid);
+                            self.maps_mut().qos2_in.remove(&pid);
                             self.inflight_in = self.inflight_in.saturating_sub(1);
                         }
                         let why = reason.to_string();
@@ -939,8 +1195,8 @@ impl Conn<'_> {
             Inbound::Pubrec(pid, reason) => {
                 if reason >= 0x80 {
                     self.finished(pid);
-                } else if let Some(seq) = self.out_pids.get(&pid) {
-                    if let Some(o) = self.out.get_mut(seq) {
+                } else if let Some(seq) = self.maps().out_pids.get(&pid).copied() {
+                    if let Some(o) = self.out.get_mut(&seq) {
                         o.d.released = true;
                     }
                     let p = codec::ack(self.version, 6, pid, 0, None);
@@ -951,7 +1207,7 @@ impl Conn<'_> {
                 }
             }
             Inbound::Pubrel(pid, _) => {
-                let reason = if self.qos2_in.remove(&pid) {
+                let reason = if self.maps_mut().qos2_in.remove(&pid) {
                     self.inflight_in = self.inflight_in.saturating_sub(1);
                     0
                 } else {
@@ -1008,19 +1264,19 @@ impl Conn<'_> {
     /// A PUBLISH from the client: checked, its records appended to the store, and handed to
     /// the pipeline.
     async fn publish(&mut self, p: codec::Publish) -> Result<Pending, ConnError> {
-        let shared = self.shared;
+        let shared = self.shared.clone();
         shared.stats.publishes_in.fetch_add(1, Ordering::Relaxed);
         let topic: Arc<str> = match p.topic_alias {
             Some(alias) if alias > TOPIC_ALIAS_MAXIMUM => {
                 return Err(ConnError::BadAlias(alias, "above the Topic Alias Maximum"))
             }
-            Some(alias) if p.topic.is_empty() => match self.aliases_in.get(&alias) {
+            Some(alias) if p.topic.is_empty() => match self.maps().aliases_in.get(&alias) {
                 Some(t) => t.clone(),
                 // An alias the client never set: a protocol error, not an invalid alias.
                 None => return Err(ConnError::UnknownAlias(alias)),
             },
             Some(alias) => {
-                self.aliases_in.insert(alias, p.topic.clone());
+                self.maps_mut().aliases_in.insert(alias, p.topic.clone());
                 p.topic.clone()
             }
             None => p.topic.clone(),
@@ -1033,16 +1289,17 @@ impl Conn<'_> {
                 return Err(ConnError::TooManyInflight(limit));
             }
         }
+        let version = self.version;
         let ack = |reason: u8, why: Option<&str>| match p.qos {
             0 => Bytes::new(),
-            1 => codec::ack(self.version, 4, p.pid, reason, why),
-            _ => codec::ack(self.version, 5, p.pid, reason, why),
+            1 => codec::ack(version, 4, p.pid, reason, why),
+            _ => codec::ack(version, 5, p.pid, reason, why),
         };
         let done = |bytes: Bytes| Reply::Write {
             bytes,
             inflight: p.qos == 1,
         };
-        if p.qos == 2 && !self.qos2_in.insert(p.pid) {
+        if p.qos == 2 && !self.maps_mut().qos2_in.insert(p.pid) {
             // Sent again before our PUBREC reached the client: already taken.
             self.inflight_in -= 1;
             return Ok(Pending {
@@ -1058,7 +1315,7 @@ impl Conn<'_> {
                 .stats
                 .denied_publishes
                 .fetch_add(1, Ordering::Relaxed);
-            if self.denials_logged.insert(format!("p:{topic}")) {
+            if self.maps_mut().denials_logged.insert(format!("p:{topic}")) {
                 tracing::warn!(
                     client_id = %self.client_id,
                     user = self.user,
@@ -1069,7 +1326,7 @@ impl Conn<'_> {
             // MQTT 5 PUBREC with a failure code ends a QoS 2 exchange; 3.1.1 goes on with
             // PUBREL/PUBCOMP.
             if p.qos == 2 && self.version == Version::V5 {
-                self.qos2_in.remove(&p.pid);
+                self.maps_mut().qos2_in.remove(&p.pid);
                 self.inflight_in -= 1;
             }
             return Ok(Pending {
@@ -1092,7 +1349,7 @@ impl Conn<'_> {
                 // A valid MQTT topic that no NATS subject can carry (a space): it still
                 // reaches local subscribers, but cannot go to the hub.
                 shared.stats.unexportable.fetch_add(1, Ordering::Relaxed);
-                if self.denials_logged.insert(format!("x:{topic}")) {
+                if self.maps_mut().denials_logged.insert(format!("x:{topic}")) {
                     tracing::warn!(client_id = %self.client_id, %error, "message kept local: its topic cannot be sent to the hub");
                 }
                 exported = false;
@@ -1121,11 +1378,11 @@ impl Conn<'_> {
                 match kept {
                     Ok(ticket) => tickets.extend(ticket),
                     Err(reason @ StoreError::RetainedFull { .. }) => {
-                        if self.denials_logged.insert(format!("r:{topic}")) {
+                        if self.maps_mut().denials_logged.insert(format!("r:{topic}")) {
                             tracing::warn!(client_id = %self.client_id, %topic, %reason, "publish refused");
                         }
                         if p.qos == 2 {
-                            self.qos2_in.remove(&p.pid);
+                            self.maps_mut().qos2_in.remove(&p.pid);
                         }
                         return Ok(Pending {
                             tickets: Vec::new(),
@@ -1174,7 +1431,7 @@ impl Conn<'_> {
 
     /// The client finished a delivery (PUBACK, PUBCOMP, or a PUBREC refusing it).
     fn finished(&mut self, pid: u16) {
-        if let Some(seq) = self.out_pids.remove(&pid) {
+        if let Some(seq) = self.maps_mut().out_pids.remove(&pid) {
             if let Some(o) = self.out.remove(&seq) {
                 self.handle.acknowledged(&o.d);
             }
@@ -1212,7 +1469,11 @@ impl Conn<'_> {
                     .stats
                     .denied_subscriptions
                     .fetch_add(1, Ordering::Relaxed);
-                if self.denials_logged.insert(format!("s:{}", f.filter)) {
+                if self
+                    .maps_mut()
+                    .denials_logged
+                    .insert(format!("s:{}", f.filter))
+                {
                     tracing::warn!(
                         client_id = %self.client_id,
                         user = self.user,
@@ -1259,7 +1520,7 @@ impl Conn<'_> {
     fn alloc_pid(&mut self) -> Option<u16> {
         for _ in 0..=u16::MAX {
             self.next_pid = self.next_pid.wrapping_add(1).max(1);
-            if !self.out_pids.contains_key(&self.next_pid) {
+            if !self.maps().out_pids.contains_key(&self.next_pid) {
                 return Some(self.next_pid);
             }
         }
@@ -1296,7 +1557,7 @@ impl Conn<'_> {
 
     /// Writes one delivery (or, for a QoS 2 one the client already received, its PUBREL).
     fn send(&mut self, d: &mut Delivery, now: Instant) {
-        if d.qos > 0 && d.released && d.pid != 0 && !self.out_pids.contains_key(&d.pid) {
+        if d.qos > 0 && d.released && d.pid != 0 && !self.maps().out_pids.contains_key(&d.pid) {
             let p = codec::ack(self.version, 6, d.pid, 0, None);
             self.write(&p);
             self.track(d.clone());
@@ -1311,14 +1572,14 @@ impl Conn<'_> {
             None => None,
         };
         // Topic alias: the topic's own, a new one while there are free ones, or none.
-        let alias = match self.aliases_out.get(&d.msg.topic) {
+        let alias = match self.maps().aliases_out.get(&d.msg.topic) {
             Some(&a) => Some((a, false)),
-            None if (self.aliases_out.len() as u16) < self.alias_max_out => {
-                Some((self.aliases_out.len() as u16 + 1, true))
+            None if (self.maps().aliases_out.len() as u16) < self.alias_max_out => {
+                Some((self.maps().aliases_out.len() as u16 + 1, true))
             }
             None => None,
         };
-        if d.qos > 0 && (d.pid == 0 || self.out_pids.contains_key(&d.pid)) {
+        if d.qos > 0 && (d.pid == 0 || self.maps().out_pids.contains_key(&d.pid)) {
             match self.alloc_pid() {
                 Some(pid) => {
                     // A new packet id: a resend under another id is no resend.
@@ -1353,7 +1614,7 @@ impl Conn<'_> {
             return;
         }
         if let Some((a, true)) = alias {
-            self.aliases_out.insert(d.msg.topic.clone(), a);
+            self.maps_mut().aliases_out.insert(d.msg.topic.clone(), a);
         }
         codec::encode_publish(self.version, &d.msg, &out, &mut self.wbuf);
         let stats = self.shared.router.stats();
@@ -1369,7 +1630,8 @@ impl Conn<'_> {
 
     fn track(&mut self, d: Delivery) {
         self.sends += 1;
-        self.out_pids.insert(d.pid, self.sends);
+        let send = self.sends;
+        self.maps_mut().out_pids.insert(d.pid, send);
         self.out.insert(self.sends, Outflight { d });
     }
 

@@ -18,6 +18,7 @@
 pub mod acl;
 mod auth;
 mod client;
+mod park;
 pub mod tls;
 pub mod ws;
 
@@ -170,6 +171,13 @@ impl Gate {
             stats: GateStats::default(),
             last_busy_warning: AtomicU64::new(0),
             started: Instant::now(),
+            parker: match park::Parker::start(tokio::runtime::Handle::current(), client::resume) {
+                Ok(p) => Some(p),
+                Err(error) => {
+                    tracing::warn!(%error, "no connection parker: quiet connections keep their tasks");
+                    None
+                }
+            },
         });
         Ok(Gate { listeners, shared })
     }
@@ -226,10 +234,11 @@ impl Gate {
                     };
                     let shared = self.shared.clone();
                     let shutdown = shutdown.clone();
-                    tracker.spawn(async move {
-                        let _permit = permit;
-                        open(shared, transport, stream, peer, shutdown).await;
-                    });
+                    let held = client::Held {
+                        permit: Some(permit),
+                        token: Some(tracker.token()),
+                    };
+                    tracker.spawn(open(shared, transport, stream, peer, shutdown, held));
                 }
                 Err(error) => {
                     // Out of file descriptors and the like: wait a little rather than spin.
@@ -239,6 +248,10 @@ impl Gate {
             }
         }
         drop(self.listeners);
+        // Parked connections are served again, and see the shutdown.
+        if let Some(parker) = &self.shared.parker {
+            parker.shutdown();
+        }
         tracker.close();
         tracker.wait().await;
     }
@@ -275,15 +288,19 @@ async fn open(
     stream: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
+    held: client::Held,
 ) {
     let _ = stream.set_nodelay(true);
     // Each transport's state is boxed on its own, so that a plain TCP connection does not
     // carry the size of a TLS or WebSocket one.
     if transport == Transport::Tcp {
-        Box::pin(client::serve(shared, stream, peer, None, shutdown)).await;
+        Box::pin(client::serve(shared, stream, peer, None, shutdown, held)).await;
         return;
     }
-    Box::pin(open_wrapped(shared, transport, stream, peer, shutdown)).await;
+    Box::pin(open_wrapped(
+        shared, transport, stream, peer, shutdown, held,
+    ))
+    .await;
 }
 
 /// [`open`] for TLS and WebSocket connections.
@@ -293,19 +310,20 @@ async fn open_wrapped(
     stream: TcpStream,
     peer: SocketAddr,
     shutdown: CancellationToken,
+    held: client::Held,
 ) {
     let deadline = shared.settings.connect_timeout;
     let max = shared.settings.max_packet_size;
     let result: Result<(), String> = async {
         match transport {
             Transport::Tcp => {
-                client::serve(shared, stream, peer, None, shutdown).await;
+                client::serve(shared, stream, peer, None, shutdown, held).await;
             }
             Transport::Ws => {
                 let ws = ws::accept(stream, max, deadline)
                     .await
                     .map_err(|e| e.to_string())?;
-                client::serve(shared, ws, peer, None, shutdown).await;
+                client::serve(shared, ws, peer, None, shutdown, held).await;
             }
             Transport::Tls | Transport::Wss => {
                 let acceptor = match &shared.tls {
@@ -318,12 +336,12 @@ async fn open_wrapped(
                     .map_err(|e| format!("TLS handshake failed: {e}"))?;
                 let cert_user = tls::client_common_name(tls.get_ref().1);
                 if transport == Transport::Tls {
-                    client::serve(shared, tls, peer, cert_user, shutdown).await;
+                    client::serve(shared, tls, peer, cert_user, shutdown, held).await;
                 } else {
                     let ws = ws::accept(tls, max, deadline)
                         .await
                         .map_err(|e| e.to_string())?;
-                    client::serve(shared, ws, peer, cert_user, shutdown).await;
+                    client::serve(shared, ws, peer, cert_user, shutdown, held).await;
                 }
             }
         }

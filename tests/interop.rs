@@ -8,23 +8,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::{Relay, RelayConfig};
-
-fn interop_python() -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = Command::new(format!("{root}/scripts/interop-python"))
-        .output()
-        .expect("run scripts/interop-python");
-    assert!(
-        out.status.success(),
-        "scripts/interop-python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
+use common::{interop_python, Relay, RelayConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paho_mqtt_suite_passes_for_3_1_1_and_5() {

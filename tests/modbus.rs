@@ -212,6 +212,18 @@ async fn publish(port: u16, topic: &str, payload: &str) {
     .await;
 }
 
+/// The meter and the HVAC controller with their initial values, a relay named `name` (without
+/// an uplink) polling them, and a subscriber to `sensors/#`.
+async fn setup(name: &str, meter_extra: &str) -> (tempfile::TempDir, Bus, Relay, Subscriber) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut bus = Bus::start(dir.path(), "1,2").await;
+    set_initial(&mut bus).await;
+    let relay =
+        Relay::start_with_extra(RelayConfig::new(name), &devices(&bus.link, meter_extra)).await;
+    let sub = Subscriber::start(relay.port(), "watcher", &["sensors/#"]).await;
+    (dir, bus, relay, sub)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_reach_subscribers_and_the_hub_and_commands_write_registers() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -318,12 +330,7 @@ async fn values_reach_subscribers_and_the_hub_and_commands_write_registers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_that_stops_answering_goes_offline_while_the_bus_goes_on() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut bus = Bus::start(dir.path(), "1,2").await;
-    set_initial(&mut bus).await;
-    let relay =
-        Relay::start_with_extra(RelayConfig::new("modbus-mute"), &devices(&bus.link, "")).await;
-    let sub = Subscriber::start(relay.port(), "watcher", &["sensors/#"]).await;
+    let (_dir, mut bus, relay, sub) = setup("modbus-mute", "").await;
     wait_value(&sub, "sensors/meter/$state", "online", &relay).await;
     wait_value(&sub, "sensors/hvac/$state", "online", &relay).await;
 
@@ -356,17 +363,9 @@ async fn a_device_that_stops_answering_goes_offline_while_the_bus_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_bad_crcs_and_exceptions_are_counted_and_polling_goes_on() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut bus = Bus::start(dir.path(), "1,2").await;
-    set_initial(&mut bus).await;
     // Address 500 is beyond what the simulated meter has: it answers with an exception.
     let missing = "[[modbus.register]]\nname = \"missing\"\nkind = \"holding\"\naddress = 500\n";
-    let relay = Relay::start_with_extra(
-        RelayConfig::new("modbus-faults"),
-        &devices(&bus.link, missing),
-    )
-    .await;
-    let sub = Subscriber::start(relay.port(), "watcher", &["sensors/#"]).await;
+    let (_dir, mut bus, relay, sub) = setup("modbus-faults", missing).await;
     wait_value(&sub, "sensors/meter/power", "23.4", &relay).await;
     wait_value(&sub, "sensors/meter/$state", "online", &relay).await;
     let exceptions = wait_counter(&relay, "meter", "exceptions", 2).await;
@@ -429,12 +428,7 @@ async fn garbage_bad_crcs_and_exceptions_are_counted_and_polling_goes_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unplugged_adapter_is_retried_and_its_devices_come_back() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let mut bus = Bus::start(dir.path(), "1,2").await;
-    set_initial(&mut bus).await;
-    let relay =
-        Relay::start_with_extra(RelayConfig::new("modbus-unplug"), &devices(&bus.link, "")).await;
-    let sub = Subscriber::start(relay.port(), "watcher", &["sensors/#"]).await;
+    let (_dir, mut bus, relay, sub) = setup("modbus-unplug", "").await;
     wait_value(&sub, "sensors/meter/$state", "online", &relay).await;
 
     bus.unplug();

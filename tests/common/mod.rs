@@ -73,6 +73,21 @@ pub fn free_port() -> u16 {
     panic!("no free port below {ephemeral_low} found in 2000 attempts");
 }
 
+/// The path of the project's Python with the pinned test packages (paho-mqtt, pymodbus),
+/// installed by `scripts/interop-python` into `.venv/` when missing.
+pub fn interop_python() -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new(format!("{root}/scripts/interop-python"))
+        .output()
+        .expect("run scripts/interop-python");
+    assert!(
+        out.status.success(),
+        "scripts/interop-python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
 /// GETs `path` from the relay's admin endpoint.
 pub async fn admin_get(port: u16, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

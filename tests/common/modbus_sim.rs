@@ -10,20 +10,6 @@ use tokio::process::{Child, ChildStdin, ChildStdout};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// The Python with pymodbus, installed into the project's virtual environment when missing.
-fn device_python() -> String {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = std::process::Command::new(format!("{root}/scripts/interop-python"))
-        .output()
-        .expect("run scripts/interop-python");
-    assert!(
-        out.status.success(),
-        "scripts/interop-python failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 pub struct Sim {
     child: Child,
     stdin: ChildStdin,
@@ -35,7 +21,7 @@ pub struct Sim {
 impl Sim {
     /// Starts the units (`"1,2"`) and returns once they listen.
     pub async fn start(units: &str) -> Sim {
-        let python = tokio::task::spawn_blocking(device_python)
+        let python = tokio::task::spawn_blocking(super::interop_python)
             .await
             .expect("device python");
         let port = super::free_port();

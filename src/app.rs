@@ -111,7 +111,8 @@ pub async fn run_with(
     if let Some(u) = &config.uplink {
         let settings = UplinkSettings {
             relay: config.relay.name.clone(),
-            url: u.url.clone(),
+            urls: u.url.clone(),
+            replicas: u.replicas,
             subject_prefix: u.subject_prefix.clone(),
             mode: u.mode,
             stream: u.stream.clone(),
@@ -119,10 +120,7 @@ pub async fn run_with(
             window: u.window,
             drain_rate: u.drain_rate,
             security: uplink::HubSecurity {
-                require_tls: u.url.starts_with("tls://")
-                    || u.url.starts_with("wss://")
-                    || u.ca_file.is_some()
-                    || u.client_cert.is_some(),
+                require_tls: u.wants_tls(),
                 ca_file: u.ca_file.clone(),
                 client_cert: u.client_cert.clone().zip(u.client_key.clone()),
                 credentials_file: u.credentials_file.clone(),
@@ -146,7 +144,7 @@ pub async fn run_with(
                 subject_prefix: u.subject_prefix.clone(),
                 mode: u.mode,
                 imports: config.import.iter().map(|r| r.filter.clone()).collect(),
-                create_stream: u.create_stream.then(|| u.stream.clone()),
+                create_stream: u.create_stream.then(|| (u.stream.clone(), u.replicas)),
             };
             let status = Arc::new(DownlinkStatus::default());
             downlink_status = Some(status.clone());

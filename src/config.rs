@@ -277,8 +277,14 @@ pub enum UplinkMode {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkConfig {
-    /// The hub, e.g. `nats://hub.example.org:4222`.
-    pub url: String,
+    /// The hub: one url (`nats://hub.example.org:4222`) or a list of a cluster's servers. The
+    /// client also learns the cluster's other servers from them and fails over among all.
+    #[serde(deserialize_with = "hub_urls")]
+    pub url: Vec<String>,
+    /// The replica count of a stream relaybox creates (1 to 5; a stream that exists is used as
+    /// it is).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
     /// Subjects are `<subject_prefix>.<mapped topic>`.
     #[serde(deserialize_with = "subject_prefix")]
     pub subject_prefix: String,
@@ -576,6 +582,9 @@ fn default_mode() -> UplinkMode {
 fn default_stream() -> String {
     "RELAYBOX".to_owned()
 }
+fn default_replicas() -> usize {
+    1
+}
 fn default_window() -> usize {
     256
 }
@@ -848,19 +857,18 @@ impl Config {
                     "client_cert and client_key go together".to_owned(),
                 ));
             }
-            let tls = u.url.starts_with("tls://")
-                || u.url.starts_with("wss://")
-                || u.ca_file.is_some()
-                || u.client_cert.is_some();
-            if !tls && !u.insecure && !url_is_loopback(&u.url) {
-                return Err(invalid(
-                    "url",
-                    "uplink.url",
-                    format!(
-                        "hub {} is not on this machine and the link is not encrypted: use a tls:// url or ca_file, or set insecure = true to send in the clear",
-                        url_host(&u.url)
-                    ),
-                ));
+            let tls = u.wants_tls();
+            if let Some(far) = u.url.iter().find(|url| !url_is_loopback(url)) {
+                if !tls && !u.insecure {
+                    return Err(invalid(
+                        "url",
+                        "uplink.url",
+                        format!(
+                            "hub {} is not on this machine and the link is not encrypted: use a tls:// url or ca_file, or set insecure = true to send in the clear",
+                            url_host(far)
+                        ),
+                    ));
+                }
             }
         }
         Ok(())
@@ -918,18 +926,27 @@ impl Config {
                     ),
                 ));
             }
-            if !(uplink.url.starts_with("nats://")
-                || uplink.url.starts_with("tls://")
-                || uplink.url.starts_with("ws://")
-                || uplink.url.starts_with("wss://"))
-            {
+            for url in &uplink.url {
+                if !(url.starts_with("nats://")
+                    || url.starts_with("tls://")
+                    || url.starts_with("ws://")
+                    || url.starts_with("wss://"))
+                {
+                    return Err(invalid(
+                        "url",
+                        "uplink.url",
+                        format!(
+                            "hub url {:?} must start with nats://, tls://, ws:// or wss://",
+                            shown_url(url)
+                        ),
+                    ));
+                }
+            }
+            if !(1..=5).contains(&uplink.replicas) {
                 return Err(invalid(
-                    "url",
-                    "uplink.url",
-                    format!(
-                        "hub url {:?} must start with nats://, tls://, ws:// or wss://",
-                        shown_url(&uplink.url)
-                    ),
+                    "replicas",
+                    "uplink.replicas",
+                    format!("{} must be from 1 to 5", uplink.replicas),
                 ));
             }
         }
@@ -1085,6 +1102,38 @@ fn table_key_line(text: &str, table: &str, index: usize, key: &str) -> usize {
         }
     }
     header_line.unwrap_or(1)
+}
+
+impl UplinkConfig {
+    /// Whether the link to the hub must be TLS: a `tls://` or `wss://` url, a CA file or a
+    /// client certificate asks for it.
+    pub fn wants_tls(&self) -> bool {
+        self.url
+            .iter()
+            .any(|u| u.starts_with("tls://") || u.starts_with("wss://"))
+            || self.ca_file.is_some()
+            || self.client_cert.is_some()
+    }
+}
+
+/// `url = "nats://…"` or `url = ["nats://…", …]` (at least one).
+fn hub_urls<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let urls = match OneOrMany::deserialize(d)
+        .map_err(|_| serde::de::Error::custom("a hub url, or a list of them"))?
+    {
+        OneOrMany::One(u) => vec![u],
+        OneOrMany::Many(v) => v,
+    };
+    if urls.is_empty() {
+        return Err(serde::de::Error::custom("the list of hub urls is empty"));
+    }
+    Ok(urls)
 }
 
 /// A hub url as it may be shown in an error: credentials in it (`nats://user:pass@host`) are
@@ -1484,6 +1533,63 @@ mod tests {
         assert_eq!(d.device_name(), "ttyUSB0");
         assert_eq!(d.register[0].value_type(), ValueType::Bool);
         assert_eq!(d.topic_of("$state"), "s/ttyUSB0/$state");
+    }
+
+    #[test]
+    fn the_hub_is_one_url_or_a_list() {
+        let up = |url: &str, extra: &str| {
+            format!("{RELAY}[uplink]\nurl = {url}\nsubject_prefix = \"x\"\n{extra}")
+        };
+        let one = Config::parse(&up("\"nats://127.0.0.1:4222\"", ""), "r.toml").expect("one");
+        let u = one.uplink.expect("uplink");
+        assert_eq!(u.url, vec!["nats://127.0.0.1:4222"]);
+        assert_eq!(u.replicas, 1);
+        let list = Config::parse(
+            &up(
+                "[\"nats://127.0.0.1:4222\", \"nats://127.0.0.1:4223\"]",
+                "replicas = 3\n",
+            ),
+            "r.toml",
+        )
+        .expect("list");
+        let u = list.uplink.expect("uplink");
+        assert_eq!(u.url.len(), 2);
+        assert_eq!(u.replicas, 3);
+        for (text, want) in [
+            (
+                up("[]", ""),
+                "r.toml:5: key `uplink.url`: the list of hub urls is empty",
+            ),
+            (
+                up("7", ""),
+                "r.toml:5: key `uplink.url`: a hub url, or a list of them",
+            ),
+            (
+                up("[\"nats://127.0.0.1:1\", \"http://127.0.0.1:2\"]", ""),
+                "r.toml:5: key `uplink.url`: hub url \"http://127.0.0.1:2\" must start with",
+            ),
+            (
+                up(
+                    "[\"nats://127.0.0.1:1\", \"nats://hub.example.org:4222\"]",
+                    "",
+                ),
+                "r.toml:5: key `uplink.url`: hub hub.example.org is not on this machine",
+            ),
+            (
+                up("\"nats://127.0.0.1:1\"", "replicas = 0\n"),
+                "r.toml:7: key `uplink.replicas`: 0 must be from 1 to 5",
+            ),
+            (
+                up("\"nats://127.0.0.1:1\"", "replicas = 6\n"),
+                "r.toml:7: key `uplink.replicas`: 6 must be from 1 to 5",
+            ),
+        ] {
+            let got = err(&text);
+            assert!(
+                got.starts_with(want),
+                "for {text:?}\n got: {got}\nwant: {want}…"
+            );
+        }
     }
 
     #[test]

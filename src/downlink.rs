@@ -45,9 +45,9 @@ pub struct DownlinkSettings {
     pub subject_prefix: String,
     pub mode: UplinkMode,
     pub imports: Vec<TopicFilter>,
-    /// The hub stream to create first when it is missing (`create_stream = true`), so that
-    /// imports under the prefix are read durably from the start.
-    pub create_stream: Option<String>,
+    /// The hub stream to create first when it is missing (`create_stream = true`), and its
+    /// replica count, so that imports under the prefix are read durably from the start.
+    pub create_stream: Option<(String, usize)>,
 }
 
 /// The downlink's counters.
@@ -125,8 +125,8 @@ impl Reader {
     async fn read(&self) -> Result<(), DownlinkError> {
         if self.settings.mode == UplinkMode::Jetstream {
             let js = jetstream::new(self.client.clone());
-            if let Some(stream) = &self.settings.create_stream {
-                uplink::ensure_stream(&js, stream, &self.settings.subject_prefix)
+            if let Some((stream, replicas)) = &self.settings.create_stream {
+                uplink::ensure_stream(&js, stream, &self.settings.subject_prefix, *replicas)
                     .await
                     .map_err(|e| DownlinkError::Hub(e.to_string()))?;
             }

@@ -79,7 +79,10 @@ pub enum UplinkError {
 #[derive(Debug, Clone)]
 pub struct UplinkSettings {
     pub relay: String,
-    pub url: String,
+    /// The hub's servers (one, or several of a cluster).
+    pub urls: Vec<String>,
+    /// The replica count of the stream the relay creates.
+    pub replicas: usize,
     pub subject_prefix: String,
     pub mode: UplinkMode,
     pub stream: String,
@@ -137,7 +140,23 @@ pub async fn connect(
     settings: &UplinkSettings,
     status: Arc<UplinkStatus>,
 ) -> Result<async_nats::Client, UplinkError> {
-    let url = settings.url.clone();
+    let mut servers = Vec::with_capacity(settings.urls.len());
+    for url in &settings.urls {
+        let server = url
+            .parse::<async_nats::ServerAddr>()
+            .map_err(|e| UplinkError::Url {
+                // A password in the url is not repeated in the error.
+                url: crate::config::shown_url(url),
+                reason: e.to_string(),
+            })?;
+        servers.push(server);
+    }
+    let shown = settings
+        .urls
+        .iter()
+        .map(|u| crate::config::shown_url(u))
+        .collect::<Vec<_>>()
+        .join(", ");
     let events = status.clone();
     let sec = &settings.security;
     let mut options = async_nats::ConnectOptions::new();
@@ -204,11 +223,10 @@ pub async fn connect(
                 }
             }
         })
-        .connect(url.as_str())
+        .connect(servers)
         .await
         .map_err(|e| UplinkError::Url {
-            // A password in the url is not repeated in the error.
-            url: crate::config::shown_url(&url),
+            url: shown,
             reason: e.to_string(),
         })
 }
@@ -306,7 +324,13 @@ pub async fn run_with_heartbeat(
                 .and_then(|l| *l)
                 .unwrap_or(0);
             if !stream_ready {
-                ensure_stream(&js, &settings.stream, &settings.subject_prefix).await?;
+                ensure_stream(
+                    &js,
+                    &settings.stream,
+                    &settings.subject_prefix,
+                    settings.replicas,
+                )
+                .await?;
                 tracing::info!(stream = settings.stream, "hub stream ready");
                 stream_ready = true;
             }
@@ -353,23 +377,63 @@ pub async fn ensure_stream(
     js: &jetstream::Context,
     name: &str,
     subject_prefix: &str,
+    replicas: usize,
 ) -> Result<(), UplinkError> {
     let config = stream::Config {
         name: name.to_owned(),
         subjects: vec![format!("{subject_prefix}.>")],
         duplicate_window: DUPLICATE_WINDOW,
         storage: stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     };
-    js.get_or_create_stream(config)
-        .await
-        .map_err(|e| UplinkError::Stream {
-            stream: name.to_owned(),
-            reason: e.to_string(),
-        })?;
+    let mut stream =
+        js.get_or_create_stream(config.clone())
+            .await
+            .map_err(|e| UplinkError::Stream {
+                stream: name.to_owned(),
+                reason: e.to_string(),
+            })?;
+    // A stream that was already there is used as it is; what differs from what the relay
+    // would have made is said once (per difference), not at every reconnect.
+    if let Ok(info) = stream.info().await {
+        let have = &info.config;
+        let mut differs = Vec::new();
+        if have.num_replicas != config.num_replicas {
+            differs.push(format!(
+                "{} replicas, not {}",
+                have.num_replicas, config.num_replicas
+            ));
+        }
+        if have.duplicate_window < config.duplicate_window {
+            differs.push(format!(
+                "a duplicate window of {:?}, shorter than {:?} (a message sent again after a \
+                 reconnection may be stored twice)",
+                have.duplicate_window, config.duplicate_window
+            ));
+        }
+        if have.storage != config.storage {
+            differs.push("memory storage, not file storage".to_owned());
+        }
+        let said = differs.join("; ");
+        let mut last = STREAM_DIFFERENCES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !said.is_empty() && *last != said {
+            tracing::warn!(
+                stream = name,
+                differences = %said,
+                "the hub stream exists with other settings than relaybox would give it; using it as it is"
+            );
+        }
+        *last = said;
+    }
     tracing::debug!(stream = name, "hub stream ready");
     Ok(())
 }
+
+/// The differences of an existing hub stream last logged.
+static STREAM_DIFFERENCES: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
 
 type AckFuture = Pin<
     Box<

@@ -88,6 +88,12 @@ async fn ten_thousand(v5: bool) {
             .export("sensors/#"),
     )
     .await;
+    // Published once the hub link is up, so that every message is live traffic and keeps its
+    // order per client (a record accepted while the link is down is backlog, which live records
+    // may overtake).
+    relay
+        .wait_log("hub connected", 1, Duration::from_secs(30))
+        .await;
 
     let mut tasks = Vec::new();
     for c in 1..=CLIENTS {

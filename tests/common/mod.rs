@@ -205,6 +205,8 @@ pub struct NatsHub {
     dir: TempDir,
     child: Option<Child>,
     starts: usize,
+    /// A config file given to the server (a cluster node's `server_name` and `cluster` block).
+    conf: Option<String>,
 }
 
 impl NatsHub {
@@ -223,6 +225,7 @@ impl NatsHub {
                 .expect("hub temp dir"),
             child: None,
             starts: 0,
+            conf: None,
         };
         hub.restart().await;
         hub
@@ -252,7 +255,13 @@ impl NatsHub {
         let store = self.dir.path().join("js");
         fs::create_dir_all(&store).expect("hub store dir");
         let log = File::create(self.log_path()).expect("hub log file");
-        let child = Command::new(NATS_SERVER)
+        let mut cmd = Command::new(NATS_SERVER);
+        if let Some(conf) = &self.conf {
+            let path = self.dir.path().join("nats.conf");
+            fs::write(&path, conf).expect("write the server's config");
+            cmd.arg("-c").arg(path);
+        }
+        let child = cmd
             .args(["-js", "-sd"])
             .arg(&store)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
@@ -331,6 +340,72 @@ impl NatsHub {
             })
             .await
             .expect("create stream");
+    }
+}
+
+/// A hub of three nats-servers clustered on 127.0.0.1, each with JetStream; kill or stop any
+/// node and start it again on its port and store.
+pub struct NatsCluster {
+    pub nodes: Vec<NatsHub>,
+}
+
+impl NatsCluster {
+    pub async fn start() -> NatsCluster {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let routes = ports
+            .iter()
+            .map(|(_, route)| format!("\"nats-route://127.0.0.1:{route}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for (i, (port, route)) in ports.iter().enumerate() {
+            let mut hub = NatsHub {
+                port: *port,
+                dir: tempfile::Builder::new()
+                    .prefix("relaybox-hub-")
+                    .tempdir()
+                    .expect("hub temp dir"),
+                child: None,
+                starts: 0,
+                conf: Some(format!(
+                    "server_name: n{i}\ncluster {{\n  name: hub\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n"
+                )),
+            };
+            hub.restart().await;
+            nodes.push(hub);
+        }
+        let cluster = NatsCluster { nodes };
+        cluster.wait_jetstream().await;
+        cluster
+    }
+
+    /// Every node's url.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsHub::url).collect()
+    }
+
+    /// Waits (bounded) until every running node knows the cluster's JetStream metadata leader
+    /// (its log says so since its last start).
+    pub async fn wait_jetstream(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            while !node.log().contains("metadata leader") {
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster's JetStream has no leader within 60 s; node log:\n{}",
+                    tail(&node.log(), 30)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// kill -9 of node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -621,6 +696,17 @@ impl RelayConfig {
         self
     }
 
+    /// An `[uplink]` whose `url` is the list `urls` (a cluster's servers).
+    pub fn uplink_list(mut self, urls: &[String]) -> Self {
+        let list = urls
+            .iter()
+            .map(|u| toml_str(u))
+            .collect::<Vec<_>>()
+            .join(", ");
+        self.uplink_url = Some(format!("[{list}]"));
+        self
+    }
+
     pub fn export(mut self, filter: &str) -> Self {
         self.exports.push(filter.to_owned());
         self
@@ -659,7 +745,12 @@ impl RelayConfig {
             t.push_str(&format!(
                 "\n[uplink]\nurl = {}\nsubject_prefix = {}\nmode = {}\nstream = {}\n\
                  create_stream = {}\n",
-                toml_str(url),
+                // A list (`uplink_list`) is written as it is.
+                if url.starts_with('[') {
+                    url.clone()
+                } else {
+                    toml_str(url)
+                },
                 toml_str(PREFIX),
                 toml_str(self.uplink_mode),
                 toml_str(STREAM),

@@ -1526,7 +1526,7 @@ impl SecureHub {
         let conf_path = write_file(dir.path(), "nats.conf", &conf);
         let log_path = dir.path().join("nats.log");
         let log = std::fs::File::create(&log_path).expect("hub log");
-        let mut child = Command::new(common::NATS_SERVER)
+        let mut child = Command::new(common::nats_server())
             .arg("-c")
             .arg(&conf_path)
             .stdin(Stdio::null())

@@ -25,8 +25,14 @@ use tempfile::TempDir;
 
 /// The binary under test, built by cargo for this test run.
 pub const RELAY_BIN: &str = env!("CARGO_BIN_EXE_relaybox");
-/// The nats-server used as the hub.
-pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
+/// The nats-server used as the hub: `RELAYBOX_TEST_NATS_SERVER` (scripts/test runs the hub
+/// tests again with nats-server 2.15 from `scripts/nats-server-2.15`), else Debian's 2.9.10.
+pub fn nats_server() -> String {
+    std::env::var("RELAYBOX_TEST_NATS_SERVER")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "/usr/sbin/nats-server".to_owned())
+}
 /// The subject prefix every test config uses.
 pub const PREFIX: &str = "org.office";
 /// The stream every test config names.
@@ -255,7 +261,7 @@ impl NatsHub {
         let store = self.dir.path().join("js");
         fs::create_dir_all(&store).expect("hub store dir");
         let log = File::create(self.log_path()).expect("hub log file");
-        let mut cmd = Command::new(NATS_SERVER);
+        let mut cmd = Command::new(nats_server());
         if let Some(conf) = &self.conf {
             let path = self.dir.path().join("nats.conf");
             fs::write(&path, conf).expect("write the server's config");

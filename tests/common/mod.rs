@@ -353,11 +353,14 @@ impl NatsHub {
 /// node and start it again on its port and store.
 pub struct NatsCluster {
     pub nodes: Vec<NatsHub>,
+    /// Each node's monitoring port (`/connz`).
+    pub monitor: Vec<u16>,
 }
 
 impl NatsCluster {
     pub async fn start() -> NatsCluster {
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let monitor: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes = ports
             .iter()
             .map(|(_, route)| format!("\"nats-route://127.0.0.1:{route}\""))
@@ -374,15 +377,59 @@ impl NatsCluster {
                 child: None,
                 starts: 0,
                 conf: Some(format!(
-                    "server_name: n{i}\ncluster {{\n  name: hub\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n"
+                    "server_name: n{i}\nhttp: 127.0.0.1:{}\ncluster {{\n  name: hub\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n",
+                    monitor[i]
                 )),
             };
             hub.restart().await;
             nodes.push(hub);
         }
-        let cluster = NatsCluster { nodes };
+        let cluster = NatsCluster { nodes, monitor };
         cluster.wait_jetstream().await;
         cluster
+    }
+
+    /// The node a client named `name` is connected to (from each node's `/connz`).
+    pub async fn node_of_client(&self, name: &str) -> Option<usize> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for (i, port) in self.monitor.iter().enumerate() {
+            if !self.nodes[i].is_running() {
+                continue;
+            }
+            let Ok(Ok(mut s)) = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::TcpStream::connect(("127.0.0.1", *port)),
+            )
+            .await
+            else {
+                continue;
+            };
+            let request = "GET /connz?limit=1024 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+            if s.write_all(request.as_bytes()).await.is_err() {
+                continue;
+            }
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+            let text = String::from_utf8_lossy(&out);
+            let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            let json: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+            let found = json["connections"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["name"] == name));
+            if found {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// The node that leads `stream`, asked through node `via`.
+    pub async fn stream_leader(&self, via: usize, stream: &str) -> Option<usize> {
+        let js = self.nodes[via].jetstream().await;
+        let mut s = js.get_stream(stream).await.ok()?;
+        let info = s.info().await.ok()?;
+        let leader = info.cluster.as_ref()?.leader.clone()?;
+        leader.strip_prefix('n')?.parse().ok()
     }
 
     /// Every node's url.

@@ -223,6 +223,11 @@ impl NatsHub {
 
     /// Starts a hub on `port` (e.g. one a relay was already configured with).
     pub async fn start_on(port: u16) -> NatsHub {
+        NatsHub::start_with(port, None).await
+    }
+
+    /// Starts a hub on `port` with `conf` as its config file (a cluster node's).
+    async fn start_with(port: u16, conf: Option<String>) -> NatsHub {
         let mut hub = NatsHub {
             port,
             dir: tempfile::Builder::new()
@@ -231,7 +236,7 @@ impl NatsHub {
                 .expect("hub temp dir"),
             child: None,
             starts: 0,
-            conf: None,
+            conf,
         };
         hub.restart().await;
         hub
@@ -368,21 +373,11 @@ impl NatsCluster {
             .join(", ");
         let mut nodes = Vec::new();
         for (i, (port, route)) in ports.iter().enumerate() {
-            let mut hub = NatsHub {
-                port: *port,
-                dir: tempfile::Builder::new()
-                    .prefix("relaybox-hub-")
-                    .tempdir()
-                    .expect("hub temp dir"),
-                child: None,
-                starts: 0,
-                conf: Some(format!(
-                    "server_name: n{i}\nhttp: 127.0.0.1:{}\ncluster {{\n  name: hub\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n",
-                    monitor[i]
-                )),
-            };
-            hub.restart().await;
-            nodes.push(hub);
+            let conf = format!(
+                "server_name: n{i}\nhttp: 127.0.0.1:{}\ncluster {{\n  name: hub\n  listen: 127.0.0.1:{route}\n  routes: [{routes}]\n}}\n",
+                monitor[i]
+            );
+            nodes.push(NatsHub::start_with(*port, Some(conf)).await);
         }
         let cluster = NatsCluster { nodes, monitor };
         cluster.wait_jetstream().await;

@@ -165,6 +165,10 @@ pub struct UplinkState {
     pub acknowledged: u64,
     pub duplicates: u64,
     pub failures: u64,
+    /// Errors the hub answered with, by kind (`no_stream`, `limits`, `permissions`, `timeout`,
+    /// `other`).
+    #[serde(default)]
+    pub hub_errors: std::collections::BTreeMap<String, u64>,
     pub ack_latency_ms_avg: f64,
     pub ack_latency_ms_last: f64,
 }
@@ -330,6 +334,10 @@ impl Sources {
                     acknowledged: load(&u.acknowledged),
                     duplicates: load(&u.duplicates),
                     failures: load(&u.failures),
+                    hub_errors: crate::uplink::HubTrouble::ALL
+                        .iter()
+                        .map(|k| (k.label().to_owned(), load(&u.hub_errors[*k as usize])))
+                        .collect(),
                     ack_latency_ms_avg: if count == 0 {
                         0.0
                     } else {
@@ -743,6 +751,17 @@ pub fn metrics(s: &Status) -> String {
             "counter",
             "Times the uplink paused on an error.",
             &[("", f(u.failures))],
+        );
+        let hub_errors: Vec<(String, f64)> = u
+            .hub_errors
+            .iter()
+            .map(|(kind, n)| (format!("{{kind=\"{kind}\"}}"), f(*n)))
+            .collect();
+        metric(
+            "uplink_hub_errors_total",
+            "counter",
+            "Errors the hub answered with, by kind: no_stream, limits, permissions, timeout, other.",
+            &borrow(&hub_errors),
         );
         metric(
             "uplink_puback_latency_seconds_avg",

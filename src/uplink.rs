@@ -43,6 +43,9 @@ const DUPLICATE_WINDOW: Duration = Duration::from_secs(10 * 60);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// How often an idle hub connection is checked: two unanswered pings close it, so a link
+/// that went silent without a reset is given up within half a minute even with nothing to send.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// When the pump (re)starts, records accepted this recently are live, not backlog: they were
 /// published while the uplink was reconnecting or retrying, not during the outage.
 const LIVE_HORIZON: Duration = Duration::from_secs(5);
@@ -61,6 +64,10 @@ pub enum UplinkError {
     Url { url: String, reason: String },
     #[error("the hub did not acknowledge: {0}")]
     Publish(String),
+    #[error("the hub did not acknowledge within {ACK_TIMEOUT:?}")]
+    TimedOut,
+    #[error("the hub refused to store a message: {reason}")]
+    Rejected { reason: String },
     #[error("cannot set up stream {stream:?} on the hub: {reason}")]
     Stream { stream: String, reason: String },
     #[error("no stream on the hub captures {subject:?}: create one, or set create_stream = true")]
@@ -119,13 +126,94 @@ pub struct UplinkStatus {
     pub ack_latency_us_sum: AtomicU64,
     pub ack_latency_count: AtomicU64,
     pub ack_latency_us_last: AtomicU64,
+    /// Errors the hub answered with, per [`HubTrouble`], and the kind last logged.
+    pub hub_errors: [AtomicU64; HubTrouble::ALL.len()],
+    trouble: std::sync::Mutex<Option<HubTrouble>>,
     /// The hub link: when it was last (re)established (ms since the Unix epoch), or `None` while
     /// it is down. The pump waits for it, stops when it drops, and draws the line between
     /// backlog and live records by it.
     link: tokio::sync::watch::Sender<Option<u64>>,
 }
 
+/// What kind of trouble the hub is in, as the relay sees it. Each is counted; each is logged
+/// (with what to do about it) when it starts, not again while it lasts, and its end is logged
+/// when the hub stores a message again. Nothing leaves the outbox meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HubTrouble {
+    /// No stream captures the relay's subjects (deleted, or never made).
+    NoStream,
+    /// The hub refused to store: the stream's or the account's limits, or its storage, is full.
+    Limits,
+    /// The hub's permissions deny the relay's user (a subject, or its credentials).
+    Permissions,
+    /// No acknowledgement in time: a stalled hub or a link that stopped passing data.
+    Timeout,
+    /// Anything else the hub or the link answered.
+    Other,
+}
+
+impl HubTrouble {
+    pub const ALL: [HubTrouble; 5] = [
+        HubTrouble::NoStream,
+        HubTrouble::Limits,
+        HubTrouble::Permissions,
+        HubTrouble::Timeout,
+        HubTrouble::Other,
+    ];
+
+    /// The label in `/status` and `/metrics`.
+    pub fn label(self) -> &'static str {
+        match self {
+            HubTrouble::NoStream => "no_stream",
+            HubTrouble::Limits => "limits",
+            HubTrouble::Permissions => "permissions",
+            HubTrouble::Timeout => "timeout",
+            HubTrouble::Other => "other",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 impl UplinkStatus {
+    /// Counts `kind`, and logs `error` with `what_to_do` if it is not the trouble already said.
+    /// Timeouts while the hub denies permissions are that denial's doing: counted, not said.
+    fn report(&self, kind: HubTrouble, error: &str, what_to_do: &str) {
+        self.hub_errors[kind.index()].fetch_add(1, Ordering::Relaxed);
+        let mut said = self
+            .trouble
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *said == Some(kind)
+            || (kind == HubTrouble::Timeout && *said == Some(HubTrouble::Permissions))
+        {
+            return;
+        }
+        *said = Some(kind);
+        tracing::warn!(trouble = kind.label(), %error, "{what_to_do}");
+    }
+
+    /// The hub stored a message: the trouble said, if any, is over.
+    fn accepted(&self) {
+        let mut said = self
+            .trouble
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(kind) = said.take() {
+            tracing::info!(trouble = kind.label(), "the hub stores messages again");
+        }
+    }
+
+    fn in_trouble(&self, kind: HubTrouble) -> bool {
+        *self
+            .trouble
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            == Some(kind)
+    }
+
     fn record_ack_latency(&self, latency: Duration) {
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.ack_latency_us_sum.fetch_add(us, Ordering::Relaxed);
@@ -158,6 +246,7 @@ pub async fn connect(
         .collect::<Vec<_>>()
         .join(", ");
     let events = status.clone();
+    let prefix = settings.subject_prefix.clone();
     let sec = &settings.security;
     let mut options = async_nats::ConnectOptions::new();
     if let Some(path) = &sec.credentials_file {
@@ -196,8 +285,10 @@ pub async fn connect(
         .retry_on_initial_connect()
         .max_reconnects(None)
         .reconnect_delay_callback(reconnect_delay)
+        .ping_interval(PING_INTERVAL)
         .event_callback(move |event| {
             let status = events.clone();
+            let prefix = prefix.clone();
             async move {
                 match event {
                     async_nats::Event::Connected => {
@@ -213,7 +304,7 @@ pub async fn connect(
                         status.link.send_replace(None);
                     }
                     async_nats::Event::ServerError(error) => {
-                        tracing::warn!(%error, "hub reported an error");
+                        server_error(&status, &prefix, &error);
                     }
                     // Said on every reconnect attempt: the disconnection itself was logged once.
                     async_nats::Event::ClientError(error) => {
@@ -229,6 +320,30 @@ pub async fn connect(
             url: shown,
             reason: e.to_string(),
         })
+}
+
+/// Sorts an error the hub sent on the connection (`-ERR`) into its trouble.
+fn server_error(status: &UplinkStatus, prefix: &str, error: &async_nats::ServerError) {
+    let text = error.to_string();
+    match error {
+        async_nats::ServerError::AuthorizationViolation => status.report(
+            HubTrouble::Permissions,
+            &text,
+            "the hub refused the relay's credentials: check [uplink] credentials, nkey_seed, \
+             user/password or token against the hub's accounts; the relay keeps the messages and \
+             retries",
+        ),
+        _ if text.to_ascii_lowercase().contains("permissions violation") => status.report(
+            HubTrouble::Permissions,
+            &text,
+            &format!(
+                "the hub denies the relay's user a subject: allow it to publish to \"{prefix}.>\" \
+                 and to subscribe to \"_INBOX.>\" (the acknowledgements) in the hub's \
+                 permissions; the relay keeps the messages and retries"
+            ),
+        ),
+        _ => tracing::warn!(%error, "hub reported an error"),
+    }
 }
 
 /// How long to wait before reconnect attempt `attempts` (1-based): at once, then doubling from
@@ -307,9 +422,9 @@ pub async fn run_with_heartbeat(
 ) {
     let mut js = jetstream::new(client.clone());
     js.set_timeout(ACK_TIMEOUT);
-    let mut stream_ready = !(settings.create_stream && settings.mode == UplinkMode::Jetstream);
+    let creates_stream = settings.create_stream && settings.mode == UplinkMode::Jetstream;
+    let mut stream_ready = !creates_stream;
     let mut backoff = BACKOFF_MIN;
-    let mut last_error = String::new();
     // Acknowledged records not yet deleted; kept here so that a shutdown deletes them too.
     let mut acked: Vec<u64> = Vec::with_capacity(DELETE_BATCH);
     loop {
@@ -353,11 +468,60 @@ pub async fn run_with_heartbeat(
         }
         if let Err(error) = result {
             status.failures.fetch_add(1, Ordering::Relaxed);
-            let text = error.to_string();
-            // Say it once per kind of failure, not once per retry.
-            if text != last_error {
-                tracing::warn!(%error, "uplink paused; will retry");
-                last_error = text;
+            match &error {
+                UplinkError::NoStream { .. } if creates_stream => {
+                    status.report(
+                        HubTrouble::NoStream,
+                        &error.to_string(),
+                        &format!(
+                            "the hub stream {:?} is gone; creating it again (set \
+                             create_stream = false if the hub's administrators make it)",
+                            settings.stream
+                        ),
+                    );
+                    stream_ready = false;
+                }
+                UplinkError::NoStream { .. } => status.report(
+                    HubTrouble::NoStream,
+                    &error.to_string(),
+                    "uplink paused: the relay keeps the messages and retries until the stream exists",
+                ),
+                UplinkError::Rejected { .. } => status.report(
+                    HubTrouble::Limits,
+                    &error.to_string(),
+                    "the hub refused to store: raise the stream's or the account's JetStream \
+                     limits on the hub, or free its storage; the relay keeps the messages and \
+                     retries",
+                ),
+                UplinkError::TimedOut => {
+                    let denied = status.in_trouble(HubTrouble::Permissions);
+                    status.report(
+                        HubTrouble::Timeout,
+                        &error.to_string(),
+                        "the hub stopped answering (stalled, or the link passes no data); \
+                         connecting again, to another of its servers if it has several",
+                    );
+                    // A connection that passes no answers is given up at once, not after the
+                    // pings fail: the next one may be to a server that answers. A denied
+                    // subject is never answered either, and reconnecting does not help it.
+                    if !denied {
+                        let _ = client.force_reconnect().await;
+                    }
+                }
+                UplinkError::Stream { reason, .. } if reason.contains("timed out") => {
+                    status.report(
+                        HubTrouble::Timeout,
+                        &error.to_string(),
+                        "the hub's JetStream did not answer; connecting again, to another of \
+                         its servers if it has several",
+                    );
+                    let _ = client.force_reconnect().await;
+                }
+                _ => status.report(
+                    HubTrouble::Other,
+                    &error.to_string(),
+                    "uplink paused; will retry",
+                ),
             }
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -709,6 +873,9 @@ async fn pump_jetstream(
                         status.acknowledged.fetch_add(1, Ordering::Relaxed);
                         status.record_ack_latency(sent.elapsed());
                         if acked.is_empty() {
+                            status.accepted();
+                        }
+                        if acked.is_empty() {
                             first_acked = tokio::time::Instant::now();
                         }
                         acked.push(seq);
@@ -718,12 +885,7 @@ async fn pump_jetstream(
                     }
                     Err(e) => {
                         store.delete(std::mem::take(acked))?;
-                        return Err(match e.kind() {
-                            PublishErrorKind::StreamNotFound => UplinkError::NoStream {
-                                subject: format!("{}.>", s.subject_prefix),
-                            },
-                            _ => UplinkError::Publish(e.to_string()),
-                        });
+                        return Err(publish_error(s, &e));
                     }
                 }
             }
@@ -735,6 +897,34 @@ async fn pump_jetstream(
                 return Err(UplinkError::Disconnected);
             }
         }
+    }
+}
+
+/// The uplink error for a publish the hub did not acknowledge.
+fn publish_error(s: &UplinkSettings, e: &jetstream::context::PublishError) -> UplinkError {
+    use jetstream::ErrorCode;
+    match e.kind() {
+        PublishErrorKind::StreamNotFound => {
+            return UplinkError::NoStream {
+                subject: format!("{}.>", s.subject_prefix),
+            }
+        }
+        PublishErrorKind::TimedOut => return UplinkError::TimedOut,
+        _ => {}
+    }
+    let hub = std::error::Error::source(e).and_then(|s| s.downcast_ref::<jetstream::Error>());
+    match hub.map(jetstream::Error::error_code) {
+        Some(
+            ErrorCode::ACCOUNT_RESOURCES_EXCEEDED
+            | ErrorCode::INSUFFICIENT_RESOURCES
+            | ErrorCode::MEMORY_RESOURCES_EXCEEDED
+            | ErrorCode::STORAGE_RESOURCES_EXCEEDED
+            | ErrorCode::STREAM_STORE_FAILED
+            | ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM,
+        ) => UplinkError::Rejected {
+            reason: hub.map_or_else(|| e.to_string(), ToString::to_string),
+        },
+        _ => UplinkError::Publish(e.to_string()),
     }
 }
 
@@ -771,6 +961,7 @@ async fn pump_core(
         status
             .acknowledged
             .fetch_add(sent.len() as u64, Ordering::Relaxed);
+        status.accepted();
         store.delete(sent)?;
     }
 }

@@ -226,6 +226,11 @@ impl NatsHub {
         NatsHub::start_with(port, None).await
     }
 
+    /// Starts a hub on a fresh port with `conf` as its config file (accounts, permissions).
+    pub async fn start_conf(conf: &str) -> NatsHub {
+        NatsHub::start_with(free_port(), Some(conf.to_owned())).await
+    }
+
     /// Starts a hub on `port` with `conf` as its config file (a cluster node's).
     async fn start_with(port: u16, conf: Option<String>) -> NatsHub {
         let mut hub = NatsHub {
@@ -311,6 +316,28 @@ impl NatsHub {
                 READY_TIMEOUT,
                 tail(&log, 30)
             );
+        }
+    }
+
+    /// Stops the server and starts it again with `conf` as its config, as a hub administrator
+    /// changes permissions or limits (a reload, SIGHUP, leaves nats-server 2.9's JetStream
+    /// deaf to the account whose users changed).
+    pub async fn restart_with(&mut self, conf: &str) {
+        self.stop().await;
+        self.conf = Some(conf.to_owned());
+        self.restart().await;
+    }
+
+    /// Sends `signal` to the running server (SIGSTOP, SIGCONT).
+    pub fn signal(&self, signal: libc::c_int) {
+        send_signal(self.child.as_ref().expect("hub is not running"), signal);
+    }
+
+    /// kill -9 of the server; [`NatsHub::restart`] starts it again on its port and store.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 
@@ -450,10 +477,7 @@ impl NatsCluster {
 
     /// kill -9 of node `i`.
     pub fn kill(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.nodes[i].kill();
     }
 }
 

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod modbus_sim;
+pub mod proxy;
 pub mod pty;
 
 use std::collections::BTreeMap;

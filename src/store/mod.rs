@@ -352,7 +352,8 @@ impl Shared {
                     return Flow::Stop;
                 }
                 resume = ((seq + 1).max(from), end);
-                if seq < from {
+                // Deleted records are passed over before `max` is counted (see `Store::read`).
+                if seq < from || lock(&self.front).is_deleted(seq) {
                     return Flow::Continue;
                 }
                 match OutboxRecord::decode(encoded) {
@@ -372,8 +373,6 @@ impl Shared {
                 .fetch_add(report.corrupt, Ordering::Relaxed);
         }
         self.hint(resume.0, resume.1);
-        let front = lock(&self.front);
-        out.retain(|(seq, _)| !front.is_deleted(*seq));
         Ok((out, corrupt))
     }
 }
@@ -919,14 +918,18 @@ impl Store {
     ) -> Result<Vec<(u64, OutboxRecord)>, StoreError> {
         // Live traffic is read from the records of the last commits, without the disk. Those
         // before the front are gone: the read starts at the front, as one from the log does.
-        let first_live = lock(&self.shared.front).cursor.first_seq;
-        let in_tail = lock(&self.shared.tail).read(from.max(first_live), before, max);
+        // Deleted records are passed over before `max` is counted: a run of `max` deleted ones
+        // (live records acknowledged ahead of older backlog) must not read as the end.
+        let in_tail = {
+            // The tail, then the front: the one order in which both are ever held.
+            let tail = lock(&self.shared.tail);
+            let front = lock(&self.shared.front);
+            tail.read(from.max(front.cursor.first_seq), before, max, |seq| {
+                front.is_deleted(seq)
+            })
+        };
         let (records, corrupt) = match in_tail {
-            Some(mut found) => {
-                let front = lock(&self.shared.front);
-                found.0.retain(|(seq, _)| !front.is_deleted(*seq));
-                found
-            }
+            Some(found) => found,
             None => {
                 let shared = self.shared.clone();
                 tokio::task::spawn_blocking(move || shared.read(from, before, max))

@@ -53,9 +53,16 @@ impl Tail {
         self.bytes = 0;
     }
 
-    /// Up to `max` records with sequences from `from` and before `before`, or `None` when
-    /// the tail does not hold all of them (the log must be read).
-    pub fn read(&self, from: u64, before: u64, max: usize) -> Option<Found> {
+    /// Up to `max` records with sequences from `from` and before `before`, passing over those
+    /// `gone` names (deleted: they do not count towards `max`), or `None` when the tail does not
+    /// hold all of them (the log must be read).
+    pub fn read(
+        &self,
+        from: u64,
+        before: u64,
+        max: usize,
+        gone: impl Fn(u64) -> bool,
+    ) -> Option<Found> {
         let first = self.records.front()?.0;
         if from < first {
             return None;
@@ -69,6 +76,9 @@ impl Tail {
         for (seq, encoded) in self.records.iter().skip(skip) {
             if *seq >= before || out.len() >= max {
                 break;
+            }
+            if gone(*seq) {
+                continue;
             }
             match OutboxRecord::decode(encoded.as_slice()) {
                 Ok(record) => out.push((*seq, record)),
@@ -99,19 +109,28 @@ mod tests {
     fn reads_what_it_holds_and_refuses_what_it_does_not() {
         let mut tail = Tail::default();
         assert!(
-            tail.read(0, u64::MAX, 10).is_none(),
+            tail.read(0, u64::MAX, 10, |_| false).is_none(),
             "empty: the log is read"
         );
         for seq in 5..10 {
             tail.push(seq, encoded(&format!("t/{seq}")));
         }
-        assert!(tail.read(4, u64::MAX, 10).is_none(), "older than the tail");
-        let found = tail.read(6, u64::MAX, 2).expect("held");
+        assert!(
+            tail.read(4, u64::MAX, 10, |_| false).is_none(),
+            "older than the tail"
+        );
+        let found = tail.read(6, u64::MAX, 2, |_| false).expect("held");
         assert_eq!(topics(&found), [(6, "t/6".into()), (7, "t/7".into())]);
-        let found = tail.read(8, 9, 10).expect("held");
+        let found = tail.read(8, 9, 10, |_| false).expect("held");
         assert_eq!(topics(&found), [(8, "t/8".into())]);
         // Past the newest: nothing yet, and no need for the log.
-        assert_eq!(tail.read(10, u64::MAX, 10).expect("held").0.len(), 0);
+        assert_eq!(
+            tail.read(10, u64::MAX, 10, |_| false)
+                .expect("held")
+                .0
+                .len(),
+            0
+        );
     }
 
     #[test]
@@ -120,9 +139,9 @@ mod tests {
         tail.push(1, encoded("a"));
         tail.push(2, encoded("b"));
         tail.push(5, encoded("c"));
-        assert!(tail.read(2, u64::MAX, 10).is_none());
+        assert!(tail.read(2, u64::MAX, 10, |_| false).is_none());
         assert_eq!(
-            topics(&tail.read(5, u64::MAX, 10).expect("held")),
+            topics(&tail.read(5, u64::MAX, 10, |_| false).expect("held")),
             [(5, "c".into())]
         );
     }
@@ -134,8 +153,8 @@ mod tests {
             tail.push(seq, encoded("x"));
         }
         assert_eq!(tail.records.len(), TAIL_RECORDS);
-        assert!(tail.read(9, u64::MAX, 1).is_none());
-        assert!(tail.read(10, u64::MAX, 1).is_some());
+        assert!(tail.read(9, u64::MAX, 1, |_| false).is_none());
+        assert!(tail.read(10, u64::MAX, 1, |_| false).is_some());
         let big = vec![0u8; TAIL_BYTES / 2 + 1];
         tail.push(TAIL_RECORDS as u64 + 10, big.clone());
         tail.push(TAIL_RECORDS as u64 + 11, big);

@@ -717,3 +717,36 @@ async fn reads_past_the_front(store: &Store) -> (Vec<u64>, Vec<u64>) {
         seqs(store.read_after(8, 10).await.expect("read")),
     )
 }
+
+/// Records deleted behind an older one that is still queued (live records acknowledged ahead of
+/// the backlog) are passed over before a read's `max` is counted: a run of them longer than
+/// `max` does not read as the end of the outbox. Read from the tail, and from the log once the
+/// tail has moved past them.
+#[tokio::test]
+async fn a_run_of_deleted_records_is_passed_over_within_max() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = Open::new(dir.path(), &OutboxConfig::default());
+    for at in 1..=10 {
+        append(&s.store, &record(at)).await;
+    }
+    s.store.delete((2..=7).collect()).expect("delete");
+    append(&s.store, &record(11)).await;
+    let reads = |store: Store| async move {
+        let seqs = |found: Vec<(u64, OutboxRecord)>| -> Vec<u64> {
+            found.into_iter().map(|(q, _)| q).collect()
+        };
+        (
+            seqs(store.read_between(0, 100, 2).await.expect("read")),
+            seqs(store.read_after(1, 2).await.expect("read")),
+            seqs(store.read_between(1, 9, 2).await.expect("read")),
+        )
+    };
+    let want = (vec![1, 8], vec![8, 9], vec![8]);
+    assert_eq!(reads(s.store.clone()).await, want, "from the tail");
+    // Enough later records that the tail no longer holds the first ones.
+    for at in 12..12 + super::tail::TAIL_RECORDS as u64 {
+        append(&s.store, &record(at)).await;
+    }
+    assert_eq!(reads(s.store.clone()).await, want, "from the log");
+    s.close();
+}

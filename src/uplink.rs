@@ -41,8 +41,13 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stream created by the relay remembers message ids for de-duplication.
 const DUPLICATE_WINDOW: Duration = Duration::from_secs(10 * 60);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
+/// The longest pause between attempts while the hub refuses to store or denies a subject.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// The longest pause between attempts for troubles that pass by themselves.
+const RETRY_MAX: Duration = Duration::from_millis(500);
+const RECONNECT_MAX: Duration = Duration::from_millis(250);
+/// How long the uplink asks whether a stream that took no message exists.
+const STREAM_CHECK: Duration = Duration::from_secs(2);
 /// How often an idle hub connection is checked: two unanswered pings close it, so a link
 /// that went silent without a reset is given up within half a minute even with nothing to send.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
@@ -346,15 +351,15 @@ fn server_error(status: &UplinkStatus, prefix: &str, error: &async_nats::ServerE
     }
 }
 
-/// How long to wait before reconnect attempt `attempts` (1-based): at once, then doubling from
-/// 100 ms up to one second, as a leaf node retries its hub every second. The hub is the
-/// organisation's own, and every second of delay is a second of backlog and live latency.
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// How long to wait before reconnect attempt `attempts` (1-based): at once, then 100 ms and
+/// 200 ms, then every 250 ms (a leaf node retries its hub every second). The hub is the organisation's own,
+/// and every moment of delay after it is back is backlog waiting and live latency.
 fn reconnect_delay(attempts: usize) -> Duration {
     if attempts <= 1 {
         return Duration::ZERO;
@@ -469,6 +474,16 @@ pub async fn run_with_heartbeat(
         if let Err(error) = result {
             status.failures.fetch_add(1, Ordering::Relaxed);
             match &error {
+                // No server took the message: the stream is gone, or it is there without a
+                // leader (a cluster electing one after losing a node), which is not said as
+                // "gone" and does not make the relay create it.
+                UplinkError::NoStream { subject } if stream_exists(&js, subject).await => status
+                    .report(
+                        HubTrouble::NoStream,
+                        &error.to_string(),
+                        "the hub stream exists but none of its servers took the message (a \
+                         cluster electing the stream's leader after losing a node); retrying",
+                    ),
                 UplinkError::NoStream { .. } if creates_stream => {
                     status.report(
                         HubTrouble::NoStream,
@@ -527,13 +542,27 @@ pub async fn run_with_heartbeat(
                 _ = shutdown.cancelled() => break,
                 _ = heartbeat.beat_while(tokio::time::sleep(backoff)) => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            // What the hub's administrators must fix is retried less often than what passes
+            // by itself (an election, a restart), which is retried within half a second.
+            let fix_needed = matches!(error, UplinkError::Rejected { .. })
+                || status.in_trouble(HubTrouble::Permissions);
+            let most = if fix_needed { BACKOFF_MAX } else { RETRY_MAX };
+            backoff = (backoff * 2).min(most);
         } else {
             backoff = BACKOFF_MIN;
         }
     }
     let _ = store.delete(acked);
     tracing::debug!("uplink stopped");
+}
+
+/// Whether the hub has a stream that captures `subject` (asked of its JetStream API, which
+/// answers while a stream is without a leader).
+async fn stream_exists(js: &jetstream::Context, subject: &str) -> bool {
+    matches!(
+        tokio::time::timeout(STREAM_CHECK, js.stream_by_subject(subject)).await,
+        Ok(Ok(_))
+    )
 }
 
 /// Creates the hub stream `name` over `<subject_prefix>.>` unless it exists.
@@ -651,18 +680,25 @@ impl Cursors {
         self.backlog + 1 < self.live_from
     }
 
-    /// Up to `room` records: live first, then at most `backlog_room` backlog records within
-    /// the drain rate. Returns the records and how many of them (the last ones) are backlog.
+    /// Up to `room` records: live first, then backlog records within the drain rate: at most
+    /// `quiet_room` of them when there was no live record, else at most `busy_room`. Returns
+    /// the records and how many of them (the last ones) are backlog.
     async fn next(
         &mut self,
         store: &Store,
         room: usize,
-        backlog_room: usize,
+        quiet_room: usize,
+        busy_room: usize,
     ) -> Result<(Vec<(u64, OutboxRecord)>, usize), UplinkError> {
         let mut out = store.read_after(self.live, room).await?;
         if let Some((seq, _)) = out.last() {
             self.live = *seq;
         }
+        let backlog_room = if out.is_empty() {
+            quiet_room
+        } else {
+            busy_room
+        };
         let room = (room - out.len()).min(backlog_room);
         let mut from_backlog = 0;
         if room > 0 && self.backlog_left() {
@@ -701,8 +737,9 @@ const IDLE_WAIT: Duration = Duration::from_millis(250);
 /// in flight), so that reading the outbox is done in batches.
 const REFILL_AT: usize = 32;
 
-/// At most this share of the window (1/n) carries backlog: the hub stores a connection's
-/// publishes in order, so a live record waits behind every backlog publish in flight.
+/// While live records flow, at most this share of the window (1/n) carries backlog: the hub
+/// stores a connection's publishes in order, so a live record waits behind every backlog
+/// publish in flight. With no live record in flight or waiting, the backlog may fill the window.
 const BACKLOG_SHARE: usize = 4;
 
 /// The backlog drain cap: `[uplink] drain_rate`.
@@ -813,8 +850,13 @@ async fn pump_jetstream(
         let room = s.window - inflight.len();
         if room > 0 && (fresh || room >= REFILL_AT.min(s.window) || inflight.is_empty()) {
             fresh = false;
-            let backlog_room = backlog_cap.saturating_sub(inflight_backlog);
-            let (records, from_backlog) = cursors.next(store, room, backlog_room).await?;
+            // With live records in flight or waiting, the backlog keeps to its share of the
+            // window; with none, it may fill the window (a live record that comes meanwhile
+            // waits behind at most one window).
+            let live_inflight = inflight.len() - inflight_backlog;
+            let busy = backlog_cap.saturating_sub(inflight_backlog);
+            let quiet = if live_inflight == 0 { room } else { busy };
+            let (records, from_backlog) = cursors.next(store, room, quiet, busy).await?;
             let first_backlog = records.len() - from_backlog;
             for (i, (seq, record)) in records.into_iter().enumerate() {
                 let is_backlog = i >= first_backlog;
@@ -937,7 +979,7 @@ async fn pump_core(
 ) -> Result<(), UplinkError> {
     let mut cursors = Cursors::new(store, s.drain_rate, connected_at).await?;
     loop {
-        let (records, _) = cursors.next(store, s.window, s.window).await?;
+        let (records, _) = cursors.next(store, s.window, s.window, s.window).await?;
         if records.is_empty() {
             store.wait_for_records(cursors.pause()).await;
             continue;
@@ -1029,11 +1071,11 @@ mod tests {
     }
 
     #[test]
-    fn reconnects_are_at_most_a_second_apart() {
-        let delays: Vec<u64> = (1..=9)
+    fn reconnects_are_at_most_a_quarter_second_apart() {
+        let delays: Vec<u64> = (1..=7)
             .map(|n| reconnect_delay(n).as_millis() as u64)
             .collect();
-        assert_eq!(delays, [0, 100, 200, 400, 800, 1000, 1000, 1000, 1000]);
+        assert_eq!(delays, [0, 100, 200, 250, 250, 250, 250]);
         assert_eq!(reconnect_delay(usize::MAX), RECONNECT_MAX);
     }
 

@@ -45,6 +45,9 @@
 //! add `--messages 5000`.
 
 mod common;
+#[allow(dead_code)]
+#[path = "common/hub.rs"]
+mod hub;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -54,7 +57,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use async_nats::jetstream::{self, consumer, stream};
+use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use tempfile::TempDir;
@@ -65,7 +68,7 @@ use tokio_util::sync::CancellationToken;
 use common::{
     fetch_metrics, filesystem_of, load_average, machine, metric, nats_version, nodelay,
     percentile_ms, read_io, vm_hwm_mib, wait_for_port, Ports, Probe, Programs, Servers, HUB_STREAM,
-    LEAF_DOMAIN, LEAF_STREAM, SETTLE, START_LIMIT,
+    SETTLE,
 };
 
 const USAGE: &str = "\
@@ -319,7 +322,7 @@ impl Settings {
             return system.name().to_owned();
         }
         match self.leaf_server(system.server) {
-            Some((_, version)) => format!("{} {}", system.name(), short_version(version)),
+            Some((_, version)) => format!("{} {}", system.name(), hub::short_version(version)),
             None => system.name().to_owned(),
         }
     }
@@ -340,18 +343,6 @@ impl Settings {
             ..self.programs.clone()
         }
     }
-}
-
-/// `v2.15.1` out of `nats-server: v2.15.1`.
-fn short_version(version: &str) -> &str {
-    version.rsplit(' ').next().unwrap_or(version)
-}
-
-/// (major, minor) of what `nats-server --version` printed.
-fn release(version: &str) -> Option<(u32, u32)> {
-    let v = short_version(version).trim_start_matches('v');
-    let mut parts = v.split('.').map(|p| p.trim().parse::<u32>().ok());
-    Some((parts.next()??, parts.next()??))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -415,7 +406,7 @@ async fn start_rig(system: System, settings: &Settings, logs: &mut String) -> Re
         let Servers { sut, hub } = &mut servers;
         wait_for_port(ports.mqtt, &mut [&mut *sut, &mut *hub], "the MQTT listener").await?;
         if !system.is_relaybox() {
-            wait_for_leaf(&hub_client).await?;
+            hub::wait_for_leaf(&hub_client).await?;
         }
         match system.kind {
             Kind::Relaybox => {}
@@ -428,19 +419,7 @@ async fn start_rig(system: System, settings: &Settings, logs: &mut String) -> Re
             Kind::Sourced | Kind::Durable => {
                 common::create_leaf_stream(ports.sut).await?;
                 hub_js
-                    .create_stream(stream::Config {
-                        name: HUB_STREAM.into(),
-                        storage: stream::StorageType::File,
-                        sources: Some(vec![stream::Source {
-                            name: LEAF_STREAM.into(),
-                            external: Some(stream::External {
-                                api_prefix: format!("$JS.{LEAF_DOMAIN}.API"),
-                                delivery_prefix: None,
-                            }),
-                            ..Default::default()
-                        }]),
-                        ..Default::default()
-                    })
+                    .create_stream(hub::sourcing_stream(1))
                     .await
                     .context("create the hub stream that sources the leaf stream")?;
             }
@@ -464,35 +443,6 @@ async fn start_rig(system: System, settings: &Settings, logs: &mut String) -> Re
         sut_port: ports.sut,
         dir,
     })
-}
-
-/// The leaf is linked when the hub can reach the leaf's JetStream through its domain prefix.
-/// (A raw request: async-nats 0.51 cannot parse nats-server 2.9's account info reply.)
-async fn wait_for_leaf(hub_client: &async_nats::Client) -> Result<()> {
-    let subject = format!("$JS.{LEAF_DOMAIN}.API.INFO");
-    let deadline = Instant::now() + START_LIMIT;
-    loop {
-        let last = match tokio::time::timeout(
-            Duration::from_secs(2),
-            hub_client.request(subject.clone(), bytes::Bytes::new()),
-        )
-        .await
-        {
-            Ok(Ok(reply)) => {
-                let text = String::from_utf8_lossy(&reply.payload);
-                if text.contains("account_info_response") && !text.contains("\"error\"") {
-                    return Ok(());
-                }
-                format!("reply {text}")
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "no reply within 2 s".to_owned(),
-        };
-        if Instant::now() > deadline {
-            bail!("the leaf's JetStream is not reachable from the hub on {subject}: {last}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1117,16 +1067,7 @@ async fn preflight(s: &mut Settings) -> Result<()> {
                     .unwrap_or_else(|| PathBuf::from("/usr/sbin/nats-server")),
                 "apt-get install nats-server (Debian 12: 2.9.10), or set BENCH_NATS_SERVER_29",
             ),
-            Server::V215 => match var("BENCH_NATS_SERVER_215") {
-                Some(p) => (p, "set BENCH_NATS_SERVER_215 to a nats-server 2.15 binary"),
-                None => (
-                    tokio::task::spawn_blocking(common::pinned_nats_server)
-                        .await
-                        .context("installing nats-server 2.15")?
-                        .context("no nats-server 2.15 (scripts/nats-server-2.15)")?,
-                    "scripts/nats-server-2.15 installs it",
-                ),
-            },
+            Server::V215 => (hub::nats_server_215().await?, "scripts/nats-server-2.15"),
         };
         if !path.is_file() {
             bail!("nats-server not found at {} ({hint})", path.display());
@@ -1140,23 +1081,10 @@ async fn preflight(s: &mut Settings) -> Result<()> {
             .find(|(x, _, _)| *x == system.server)
             .map(|(_, p, v)| (p, v))
         {
-            if release(version).is_none_or(|r| r < (2, 10)) {
-                bail!(
-                    "the durable leaf needs nats-server 2.10 or later for sync_interval: always; \
-                     {} is {version:?}",
-                    path.display()
-                );
-            }
+            hub::check_durable_leaf(path, version)?;
         }
     }
-    let hub = var("BENCH_HUB_NATS_SERVER").unwrap_or_else(|| s.programs.nats_server.clone());
-    if !hub.is_file() {
-        bail!(
-            "the hub's nats-server not found at {} (apt-get install nats-server, or set \
-             BENCH_HUB_NATS_SERVER or BENCH_NATS_SERVER)",
-            hub.display()
-        );
-    }
+    let hub = hub::hub_nats_server(&s.programs)?;
     let hub_version = nats_version(&hub);
     s.nats = NatsServers {
         leaves,

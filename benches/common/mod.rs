@@ -1,11 +1,13 @@
-//! What the bench binaries `flash`, `mqtt_to_hub`, `local_fanout` and `idle_connections` share:
-//! starting and stopping the servers (a hub nats-server with JetStream, relaybox or a nats-server
-//! leaf with MQTT), reading `/proc`, the warm-up probe that proves the whole path, and the machine
-//! description at the top of a report. What only the two local-broker benches need (Mosquitto,
-//! relaybox without an uplink, file-descriptor limits) is in `local.rs`.
+//! What the bench binaries `flash`, `mqtt_to_hub`, `hub_failover`, `local_fanout` and
+//! `idle_connections` share: starting and stopping the servers (a hub nats-server with JetStream,
+//! relaybox or a nats-server leaf with MQTT), reading `/proc`, the warm-up probe that proves the
+//! whole path, and the machine description at the top of a report. What only the two local-broker
+//! benches need (Mosquitto, relaybox without an uplink, file-descriptor limits) is in `local.rs`;
+//! what only the hub benches need (the nats-server binaries, the sourced stream, a hub cluster) is
+//! in `hub.rs`.
 //!
 //! Each bench includes it with `mod common;`; cargo does not take a subdirectory for a bench target
-//! of its own. The two local-broker benches use only part of it (`#[allow(dead_code)]`).
+//! of its own. Benches that use only part of it say `#[allow(dead_code)]`.
 
 use std::fs;
 use std::future::Future;
@@ -266,6 +268,13 @@ impl Proc {
             "{} did not stop within 5 s of SIGTERM; killing it",
             self.name
         );
+        self.kill();
+    }
+
+    /// Kills the process (SIGKILL: no chance to flush or say goodbye) and waits for it; from
+    /// then on its exit is expected.
+    pub fn kill(&mut self) {
+        self.stopped = true;
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -447,18 +456,8 @@ pub async fn start_hub(
     logs: &mut String,
 ) -> Result<(Proc, async_nats::Client)> {
     let conf = dir.join("hub.conf");
-    fs::write(
-        &conf,
-        format!(
-            "server_name: hub\nlisten: \"127.0.0.1:{}\"\n\
-             jetstream {{ store_dir: {:?}, domain: {HUB_DOMAIN} }}\n\
-             leafnodes {{ listen: \"127.0.0.1:{}\" }}\n",
-            ports.hub,
-            dir.join("hub-js"),
-            ports.hub_leaf
-        ),
-    )
-    .with_context(|| format!("write {}", conf.display()))?;
+    let text = hub_config("hub", ports.hub, ports.hub_leaf, &dir.join("hub-js"), "");
+    fs::write(&conf, text).with_context(|| format!("write {}", conf.display()))?;
     let mut hub = Proc::spawn(
         "hub nats-server",
         &programs.nats_server,
@@ -479,6 +478,17 @@ pub async fn start_hub(
     }
 }
 
+/// The config of a hub server called `name`: NATS clients on 127.0.0.1:`client`, leaf nodes on
+/// 127.0.0.1:`leaf`, JetStream in domain `hub` with its store in `store`, and then `extra` (a
+/// cluster node's `cluster` and `http` settings).
+pub fn hub_config(name: &str, client: u16, leaf: u16, store: &Path, extra: &str) -> String {
+    format!(
+        "server_name: {name}\nlisten: \"127.0.0.1:{client}\"\n\
+         jetstream {{ store_dir: {store:?}, domain: {HUB_DOMAIN} }}\n\
+         leafnodes {{ listen: \"127.0.0.1:{leaf}\" }}\n{extra}"
+    )
+}
+
 /// Starts relaybox with its config and log in `dir` and its store in `data_dir`: MQTT on
 /// `ports.mqtt`, admin on `ports.sut`, exporting `bench/#` to the hub with JetStream publish into
 /// [`HUB_STREAM`], which it creates. `commit_window_us` sets the group-commit window; `None`
@@ -490,21 +500,53 @@ pub fn spawn_relaybox(
     ports: Ports,
     commit_window_us: Option<u64>,
 ) -> Result<Proc> {
+    spawn_relaybox_to(
+        programs,
+        dir,
+        data_dir,
+        ports,
+        &[ports.hub],
+        1,
+        commit_window_us,
+    )
+}
+
+/// [`spawn_relaybox`] with the hub on the NATS client ports `hubs` of 127.0.0.1 (`ports.hub` is
+/// not used): one url, or the list of a cluster's servers, and the stream it creates with
+/// `replicas` replicas.
+pub fn spawn_relaybox_to(
+    programs: &Programs,
+    dir: &Path,
+    data_dir: &Path,
+    ports: Ports,
+    hubs: &[u16],
+    replicas: usize,
+    commit_window_us: Option<u64>,
+) -> Result<Proc> {
     let conf = dir.join("relaybox.toml");
     let outbox = commit_window_us
         .map(|us| format!("[outbox]\ncommit_window_us = {us}\n\n"))
         .unwrap_or_default();
+    let urls: Vec<String> = hubs
+        .iter()
+        .map(|port| format!("\"nats://127.0.0.1:{port}\""))
+        .collect();
+    let url = match urls.as_slice() {
+        [one] => one.clone(),
+        all => format!("[{}]", all.join(", ")),
+    };
     fs::write(
         &conf,
         format!(
             "[relay]\nname = \"bench\"\ndata_dir = {:?}\n\n\
              [mqtt]\nlisten = \"127.0.0.1:{}\"\nallow_anonymous = true\n\n\
              {outbox}\
-             [uplink]\nurl = \"nats://127.0.0.1:{}\"\nsubject_prefix = \"bench\"\n\
-             mode = \"jetstream\"\nstream = \"{HUB_STREAM}\"\ncreate_stream = true\n\n\
+             [uplink]\nurl = {url}\nsubject_prefix = \"bench\"\n\
+             mode = \"jetstream\"\nstream = \"{HUB_STREAM}\"\ncreate_stream = true\n\
+             replicas = {replicas}\n\n\
              [admin]\nlisten = \"127.0.0.1:{}\"\n\n\
              [[export]]\nfilter = \"bench/#\"\n",
-            data_dir, ports.mqtt, ports.hub, ports.sut
+            data_dir, ports.mqtt, ports.sut
         ),
     )
     .with_context(|| format!("write {}", conf.display()))?;
@@ -529,20 +571,47 @@ pub fn spawn_leaf(
     ports: Ports,
     sync_always: bool,
 ) -> Result<Proc> {
+    spawn_leaf_to(
+        programs,
+        dir,
+        store_dir,
+        ports,
+        &[ports.hub_leaf],
+        sync_always,
+    )
+}
+
+/// [`spawn_leaf`] with the hub on the leaf-node ports `hubs` of 127.0.0.1 (`ports.hub_leaf` is
+/// not used): one remote with the urls of all of them, as for a cluster's servers.
+pub fn spawn_leaf_to(
+    programs: &Programs,
+    dir: &Path,
+    store_dir: &Path,
+    ports: Ports,
+    hubs: &[u16],
+    sync_always: bool,
+) -> Result<Proc> {
     let conf = dir.join("leaf.conf");
     let sync = if sync_always {
         ", sync_interval: always"
     } else {
         ""
     };
+    let urls: Vec<String> = hubs
+        .iter()
+        .map(|port| format!("\"nats-leaf://127.0.0.1:{port}\""))
+        .collect();
     fs::write(
         &conf,
         format!(
             "server_name: leaf\nlisten: \"127.0.0.1:{}\"\n\
              jetstream {{ store_dir: {:?}, domain: {LEAF_DOMAIN}{sync} }}\n\
-             leafnodes {{ remotes: [ {{ url: \"nats-leaf://127.0.0.1:{}\" }} ] }}\n\
+             leafnodes {{ remotes: [ {{ urls: [{}] }} ] }}\n\
              mqtt {{ listen: \"127.0.0.1:{}\" }}\n",
-            ports.sut, store_dir, ports.hub_leaf, ports.mqtt
+            ports.sut,
+            store_dir,
+            urls.join(", "),
+            ports.mqtt
         ),
     )
     .with_context(|| format!("write {}", conf.display()))?;
@@ -676,18 +745,24 @@ pub fn percentile_ms(sorted_ns: &[u64], q: f64) -> f64 {
 /// The body of relaybox's admin `/metrics` on 127.0.0.1:`port` (with the HTTP head: the
 /// metric lines are found by name).
 pub async fn fetch_metrics(port: u16) -> Result<String> {
+    http_get(port, "/metrics").await
+}
+
+/// The answer (HTTP head and body) to `GET path` on 127.0.0.1:`port`, within 5 s.
+pub async fn http_get(port: u16, path: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fetch = async {
         let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
             .await?;
         let mut body = String::new();
         conn.read_to_string(&mut body).await?;
         Ok::<_, std::io::Error>(body)
     };
-    Ok(tokio::time::timeout(Duration::from_secs(5), fetch)
+    tokio::time::timeout(Duration::from_secs(5), fetch)
         .await
-        .map_err(|_| anyhow!("no answer within 5 s"))??)
+        .map_err(|_| anyhow!("GET {path} on 127.0.0.1:{port}: no answer within 5 s"))?
+        .with_context(|| format!("GET {path} on 127.0.0.1:{port}"))
 }
 
 /// The value of the unlabelled metric `name` in a `/metrics` body.

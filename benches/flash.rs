@@ -94,6 +94,7 @@
 //! BENCH_RELAYBOX, BENCH_NATS_SERVER, BENCH_TMPDIR, BENCH_RELAYBOX_LOG as in mqtt_to_hub.
 //! ```
 
+#[allow(dead_code)]
 mod common;
 
 use std::fmt::Write as _;

@@ -196,52 +196,22 @@ impl Settings {
         let mut timeout = raw("BENCH_TIMEOUT");
         let mut keep = raw("BENCH_KEEP").is_some_and(|v| v != "0");
 
-        let mut args = std::env::args().skip(1);
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
-                None => (arg.clone(), None),
-            };
-            let slot = match flag.as_str() {
-                // cargo bench passes --bench to harness = false targets.
-                "--bench" => continue,
-                "--keep" => {
-                    keep = true;
-                    continue;
-                }
-                "--help" | "-h" => {
-                    print!("{USAGE}");
-                    std::process::exit(0);
-                }
-                "--systems" => &mut systems,
-                "--scenarios" => &mut scenarios,
-                "--publishers" => &mut publishers,
-                "--rate" => &mut rate,
-                "--seconds" => &mut seconds,
-                "--backlog" => &mut backlog,
-                "--outage" => &mut outage,
-                "--payload" => &mut payload,
-                "--inflight" => &mut inflight,
-                "--timeout" => &mut timeout,
-                other => bail!("unknown argument {other:?}\n\n{USAGE}"),
-            };
-            let value = match inline {
-                Some(v) => v,
-                None => args.next().ok_or_else(|| anyhow!("{flag} needs a value"))?,
-            };
-            *slot = Some(value);
-        }
-
-        fn num<T: std::str::FromStr>(what: &str, v: Option<String>, default: T) -> Result<T> {
-            match v {
-                None => Ok(default),
-                Some(s) => s
-                    .trim()
-                    .replace('_', "")
-                    .parse()
-                    .map_err(|_| anyhow!("{what}: {s:?} is not a number")),
-            }
-        }
+        common::read_flags(
+            USAGE,
+            &mut [
+                ("--systems", &mut systems),
+                ("--scenarios", &mut scenarios),
+                ("--publishers", &mut publishers),
+                ("--rate", &mut rate),
+                ("--seconds", &mut seconds),
+                ("--backlog", &mut backlog),
+                ("--outage", &mut outage),
+                ("--payload", &mut payload),
+                ("--inflight", &mut inflight),
+                ("--timeout", &mut timeout),
+            ],
+            &mut [("--keep", &mut keep)],
+        )?;
         fn list<T>(
             v: Option<String>,
             default: &str,
@@ -257,17 +227,17 @@ impl Settings {
         let s = Settings {
             systems: list(systems, "relaybox,durable", System::parse)?,
             scenarios: list(scenarios, "failover,catchup", Scenario::parse)?,
-            publishers: num("publishers", publishers, 4)?,
-            rate: num("rate", rate, 2000)?,
-            seconds: num("seconds", seconds, 5)?,
-            backlog: num("backlog", backlog, 20_000)?,
-            outage: match num("outage", outage, 0.0_f64)? {
+            publishers: common::num("publishers", publishers, 4)?,
+            rate: common::num("rate", rate, 2000)?,
+            seconds: common::num("seconds", seconds, 5)?,
+            backlog: common::num("backlog", backlog, 20_000)?,
+            outage: match common::num("outage", outage, 0.0_f64)? {
                 o if (0.0..=3600.0).contains(&o) => Duration::from_secs_f64(o),
                 o => bail!("outage: {o} is not between 0 and 3600 seconds"),
             },
-            payload: num("payload", payload, 64)?,
-            inflight: num("inflight", inflight, 100)?,
-            timeout: Duration::from_secs(num("timeout", timeout, 120)?),
+            payload: common::num("payload", payload, 64)?,
+            inflight: common::num("inflight", inflight, 100)?,
+            timeout: Duration::from_secs(common::num("timeout", timeout, 120)?),
             keep,
             programs: Programs::from_env(),
             hub: Default::default(),

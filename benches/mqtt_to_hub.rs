@@ -235,58 +235,28 @@ impl Settings {
         let mut repeat = raw("BENCH_REPEAT");
         let mut keep = raw("BENCH_KEEP").is_some_and(|v| !v.is_empty() && v != "0");
 
-        let mut args = std::env::args().skip(1);
-        while let Some(arg) = args.next() {
-            let (flag, inline) = match arg.split_once('=') {
-                Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
-                None => (arg.clone(), None),
-            };
-            let slot = match flag.as_str() {
-                // cargo bench passes --bench to harness = false targets.
-                "--bench" => continue,
-                "--keep" => {
-                    keep = true;
-                    continue;
-                }
-                "--help" | "-h" => {
-                    print!("{USAGE}");
-                    std::process::exit(0);
-                }
-                "--messages" => &mut messages,
-                "--payload" => &mut payload,
-                "--publishers" => &mut publishers,
-                "--systems" => &mut systems,
-                "--inflight" => &mut inflight,
-                "--rate" => &mut rate,
-                "--timeout" => &mut timeout,
-                "--stall" => &mut stall,
-                "--repeat" => &mut repeat,
-                other => bail!("unknown argument {other:?}\n\n{USAGE}"),
-            };
-            let value = match inline {
-                Some(v) => v,
-                None => args.next().ok_or_else(|| anyhow!("{flag} needs a value"))?,
-            };
-            *slot = Some(value);
-        }
+        common::read_flags(
+            USAGE,
+            &mut [
+                ("--messages", &mut messages),
+                ("--payload", &mut payload),
+                ("--publishers", &mut publishers),
+                ("--systems", &mut systems),
+                ("--inflight", &mut inflight),
+                ("--rate", &mut rate),
+                ("--timeout", &mut timeout),
+                ("--stall", &mut stall),
+                ("--repeat", &mut repeat),
+            ],
+            &mut [("--keep", &mut keep)],
+        )?;
 
-        fn num<T: std::str::FromStr>(what: &str, v: Option<String>, default: T) -> Result<T> {
-            match v {
-                None => Ok(default),
-                Some(s) => s
-                    .trim()
-                    .replace('_', "")
-                    .parse()
-                    .map_err(|_| anyhow!("{what}: {s:?} is not a number")),
-            }
-        }
-
-        let messages: usize = num("messages", messages, 100_000)?;
-        let payload: usize = num("payload", payload, 64)?;
+        let messages: usize = common::num("messages", messages, 100_000)?;
+        let payload: usize = common::num("payload", payload, 64)?;
         let publishers: Vec<usize> = publishers
             .unwrap_or_else(|| "1,4".to_owned())
             .split(',')
-            .map(|p| num("publishers", Some(p.to_owned()), 0))
+            .map(|p| common::num("publishers", Some(p.to_owned()), 0))
             .collect::<Result<_>>()?;
         let systems: Vec<System> = systems
             .unwrap_or_else(|| "relaybox,leaf,sourced".to_owned())
@@ -305,11 +275,11 @@ impl Settings {
             payload,
             publishers,
             systems,
-            inflight: num("inflight", inflight, 100)?,
-            rate: num("rate", rate, 0)?,
-            timeout: Duration::from_secs(num("timeout", timeout, 300)?),
-            stall: Duration::from_secs(num("stall", stall, 30)?),
-            repeat: num("repeat", repeat, 1)?.max(1),
+            inflight: common::num("inflight", inflight, 100)?,
+            rate: common::num("rate", rate, 0)?,
+            timeout: Duration::from_secs(common::num("timeout", timeout, 300)?),
+            stall: Duration::from_secs(common::num("stall", stall, 30)?),
+            repeat: common::num("repeat", repeat, 1)?.max(1),
             keep,
             programs: Programs::from_env(),
             nats: NatsServers::default(),

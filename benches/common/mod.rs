@@ -142,6 +142,57 @@ impl Programs {
 }
 
 /// The first file called `name` in a directory of `PATH`.
+/// Reads a bench's command line: each value flag (`--name V` or `--name=V`) fills its slot in
+/// `values`, each switch in `switches` is set; cargo's `--bench` is passed over, and `--help`
+/// prints `usage` and exits. An unknown flag or a missing value is an error.
+pub fn read_flags(
+    usage: &str,
+    values: &mut [(&str, &mut Option<String>)],
+    switches: &mut [(&str, &mut bool)],
+) -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) => (f.to_owned(), Some(v.to_owned())),
+            None => (arg.clone(), None),
+        };
+        match flag.as_str() {
+            // cargo bench passes --bench to harness = false targets.
+            "--bench" => continue,
+            "--help" | "-h" => {
+                print!("{usage}");
+                std::process::exit(0);
+            }
+            _ => {}
+        }
+        if let Some((_, on)) = switches.iter_mut().find(|(name, _)| *name == flag) {
+            **on = true;
+            continue;
+        }
+        let Some((_, slot)) = values.iter_mut().find(|(name, _)| *name == flag) else {
+            bail!("unknown argument {flag:?}\n\n{usage}");
+        };
+        let value = match inline {
+            Some(v) => v,
+            None => args.next().ok_or_else(|| anyhow!("{flag} needs a value"))?,
+        };
+        **slot = Some(value);
+    }
+    Ok(())
+}
+
+/// The number in a flag or its variable (`_` may separate digits), or `default` when unset.
+pub fn num<T: std::str::FromStr>(what: &str, v: Option<String>, default: T) -> Result<T> {
+    match v {
+        None => Ok(default),
+        Some(s) => s
+            .trim()
+            .replace('_', "")
+            .parse()
+            .map_err(|_| anyhow!("{what}: {s:?} is not a number")),
+    }
+}
+
 pub fn find_on_path(name: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|dir| dir.join(name))

@@ -1,7 +1,7 @@
 //! The admin endpoint: what an admin reads to see whether a box is healthy.
 //!
-//! A small HTTP/1.1 server on a loopback address (`[admin] listen`, default 127.0.0.1:9180)
-//! answers `GET /metrics` (Prometheus text format) and `GET /status` (JSON); `relaybox status`
+//! An HTTP/1.1 server (axum on hyper) on a loopback address (`[admin] listen`, default
+//! 127.0.0.1:9180) answers `GET /metrics` (Prometheus text format) and `GET /status` (JSON); `relaybox status`
 //! prints the JSON as a summary. The same figures go to the hub as a protobuf
 //! [`RelayStatus`](crate::proto::RelayStatus) at an interval (sent by the uplink).
 //!
@@ -26,10 +26,8 @@ use crate::serial::PortStats;
 use crate::store::OutboxStats;
 use crate::uplink::UplinkStatus;
 
-/// How long a request may take to arrive.
+/// How long `relaybox status` waits for the relay's answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// The largest request head read.
-const MAX_REQUEST: usize = 8 * 1024;
 
 /// Where the figures come from.
 pub struct Sources {
@@ -901,65 +899,40 @@ fn escape_label(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Serves `/metrics` and `/status` until `shutdown`.
+/// Serves `/metrics` and `/status` until `shutdown` (axum on hyper, HTTP/1.1).
 pub async fn serve(listener: TcpListener, sources: Arc<Sources>, shutdown: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((stream, _)) = accepted else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let sources = sources.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &sources)).await;
-        });
-    }
-}
+    use axum::http::{header, StatusCode};
+    use axum::routing::get;
 
-async fn answer(mut stream: TcpStream, sources: &Sources) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 || head.len() + n > MAX_REQUEST {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let line = String::from_utf8_lossy(&head);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, kind, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics(&sources.snapshot()),
-        ),
-        ("GET", "/status") => (
-            "200 OK",
-            "application/json",
-            serde_json::to_string_pretty(&sources.snapshot()).unwrap_or_default(),
-        ),
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics or /status\n".to_owned(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_owned(),
-        ),
+    let metrics_route = |sources: Arc<Sources>| {
+        get(move || async move {
+            (
+                [(
+                    header::CONTENT_TYPE,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                )],
+                metrics(&sources.snapshot()),
+            )
+        })
     };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    let status_route = |sources: Arc<Sources>| {
+        get(move || async move {
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                serde_json::to_string_pretty(&sources.snapshot()).unwrap_or_default(),
+            )
+        })
+    };
+    let app = axum::Router::new()
+        .route("/metrics", metrics_route(sources.clone()))
+        .route("/status", status_route(sources))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics or /status\n") });
+    if let Err(error) = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+    {
+        tracing::warn!(%error, "the admin endpoint stopped");
+    }
 }
 
 /// Fetches `/status` from a running relay (for `relaybox status`).

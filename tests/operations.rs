@@ -615,3 +615,68 @@ async fn the_store_files_shrink_to_the_reserve_after_a_drained_backlog() {
     );
     assert!(s["outbox"]["recycled"].as_u64().unwrap() >= 15);
 }
+
+/// The admin endpoint is plain HTTP/1.1 for any client: several requests on one kept-alive
+/// connection, 404 for an unknown path, 405 for another method, and a client that sends
+/// nothing does not hold up the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_speaks_http_1_1() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cfg = RelayConfig::new("adm");
+    let admin = cfg.admin_port;
+    let _relay = Relay::start(cfg).await;
+    let _silent = tokio::net::TcpStream::connect(("127.0.0.1", admin))
+        .await
+        .expect("connect");
+
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", admin))
+        .await
+        .expect("connect");
+    // Reads one response (its head, then a body of its Content-Length).
+    async fn response(conn: &mut tokio::net::TcpStream) -> (String, String) {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..at]).into_owned();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .expect("a Content-Length");
+                if got.len() >= at + 4 + len {
+                    let body = String::from_utf8_lossy(&got[at + 4..at + 4 + len]).into_owned();
+                    return (head, body);
+                }
+            }
+            let n = tokio::time::timeout_at(deadline, conn.read(&mut buf))
+                .await
+                .expect("an answer in time")
+                .expect("read");
+            assert!(n > 0, "the connection closed early");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+    for (request, status, needle) in [
+        ("GET /status", "200", "\"relay\": \"adm\""),
+        ("GET /metrics", "200", "relaybox_outbox"),
+        ("GET /nothing", "404", "try /metrics or /status"),
+        ("POST /metrics", "405", ""),
+    ] {
+        conn.write_all(
+            format!("{request} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("send");
+        let (head, body) = response(&mut conn).await;
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status}")),
+            "{request}: {head}"
+        );
+        assert!(body.contains(needle), "{request}: {body}");
+    }
+}

@@ -106,7 +106,9 @@ pub async fn admin_get(port: u16, path: &str) -> String {
     .expect("admin connect in time")
     .expect("admin endpoint reachable");
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .expect("send request");
     let mut out = Vec::new();

@@ -46,6 +46,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// The longest pause between attempts for troubles that pass by themselves.
 const RETRY_MAX: Duration = Duration::from_millis(500);
 const RECONNECT_MAX: Duration = Duration::from_millis(250);
+/// The pause before sending again when a resend met its first copy still being stored.
+const IN_PROCESS_PAUSE: Duration = Duration::from_millis(10);
+/// How many such quick retries in a row before the usual pauses.
+const IN_PROCESS_QUICK: u32 = 5;
 /// How long the uplink asks whether a stream that took no message exists.
 const STREAM_CHECK: Duration = Duration::from_secs(2);
 /// How often an idle hub connection is checked: two unanswered pings close it, so a link
@@ -73,6 +77,9 @@ pub enum UplinkError {
     TimedOut,
     #[error("the hub refused to store a message: {reason}")]
     Rejected { reason: String },
+    /// A resend met its first copy still being stored (replicated): retried almost at once.
+    #[error("the hub is still storing the first copy of a message sent again")]
+    InProcess,
     #[error("cannot set up stream {stream:?} on the hub: {reason}")]
     Stream { stream: String, reason: String },
     #[error("no stream on the hub captures {subject:?}: create one, or set create_stream = true")]
@@ -430,6 +437,7 @@ pub async fn run_with_heartbeat(
     let creates_stream = settings.create_stream && settings.mode == UplinkMode::Jetstream;
     let mut stream_ready = !creates_stream;
     let mut backoff = BACKOFF_MIN;
+    let mut in_process_streak = 0u32;
     // Acknowledged records not yet deleted; kept here so that a shutdown deletes them too.
     let mut acked: Vec<u64> = Vec::with_capacity(DELETE_BATCH);
     loop {
@@ -469,6 +477,17 @@ pub async fn run_with_heartbeat(
         };
         if let Err(UplinkError::Disconnected) = result {
             // Logged by the connection's event handler; the next attempt waits for the hub.
+            continue;
+        }
+        let in_process = matches!(result, Err(UplinkError::InProcess));
+        in_process_streak = if in_process { in_process_streak + 1 } else { 0 };
+        if in_process && in_process_streak <= IN_PROCESS_QUICK {
+            // Not a trouble: the first copy is about to be stored (after a failover, say). A
+            // few quick retries, then the usual pauses.
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(IN_PROCESS_PAUSE) => {}
+            }
             continue;
         }
         if let Err(error) = result {
@@ -966,6 +985,7 @@ fn publish_error(s: &UplinkSettings, e: &jetstream::context::PublishError) -> Up
         ) => UplinkError::Rejected {
             reason: hub.map_or_else(|| e.to_string(), ToString::to_string),
         },
+        Some(ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT) => UplinkError::InProcess,
         _ => UplinkError::Publish(e.to_string()),
     }
 }

@@ -449,141 +449,215 @@ impl Sources {
 
 /// The Prometheus text of a status.
 pub fn metrics(s: &Status) -> String {
-    let mut out = String::with_capacity(4096);
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, f64)]| {
-        let _ = writeln!(out, "# HELP relaybox_{name} {help}");
-        let _ = writeln!(out, "# TYPE relaybox_{name} {kind}");
-        for (labels, value) in samples {
-            let _ = writeln!(out, "relaybox_{name}{labels} {value}");
-        }
+    let mut registry = prometheus_client::registry::Registry::with_prefix("relaybox");
+    registry.register_collector(Box::new(Figures(s.clone())));
+    let mut out = String::with_capacity(8192);
+    if let Err(error) = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry) {
+        tracing::warn!(%error, "the metrics could not be written");
+    }
+    out
+}
+
+/// The labels of one sample.
+type Labels = Vec<(&'static str, String)>;
+
+/// One label.
+fn l(key: &'static str, value: impl Into<String>) -> Labels {
+    vec![(key, value.into())]
+}
+
+/// One scrape's figures, written through prometheus-client.
+#[derive(Debug)]
+struct Figures(Status);
+
+impl prometheus_client::collector::Collector for Figures {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let mut written = Ok(());
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(Labels, f64)]| {
+            if written.is_ok() {
+                written = family(&mut encoder, name, kind, help, samples);
+            }
+        };
+        figures(&self.0, &mut metric);
+        written
+    }
+}
+
+/// One metric family: `name` (a counter's ends in `_total`, which the encoder adds back),
+/// `kind` `counter` or `gauge`, its help and its samples.
+fn family(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    name: &str,
+    kind: &str,
+    help: &str,
+    samples: &[(Labels, f64)],
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::metrics::MetricType;
+    let (name, kind) = match kind {
+        "counter" => (
+            name.strip_suffix("_total").unwrap_or(name),
+            MetricType::Counter,
+        ),
+        _ => (name, MetricType::Gauge),
     };
+    let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            sample(&mut metric, kind, *value)?;
+        } else {
+            sample(&mut metric.encode_family(labels)?, kind, *value)?;
+        }
+    }
+    Ok(())
+}
+
+fn sample(
+    metric: &mut prometheus_client::encoding::MetricEncoder,
+    kind: prometheus_client::metrics::MetricType,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::encoding::NoLabelSet;
+    use prometheus_client::metrics::exemplar::Exemplar;
+    match kind {
+        prometheus_client::metrics::MetricType::Counter => {
+            metric.encode_counter(&value, None::<&Exemplar<NoLabelSet, f64>>)
+        }
+        _ => metric.encode_gauge(&value),
+    }
+}
+
+/// Every figure of `s`, each handed to `metric` (name, kind, help, samples).
+fn figures(s: &Status, metric: &mut impl FnMut(&str, &str, &str, &[(Labels, f64)])) {
     let f = |n: u64| n as f64;
-    metric("up", "gauge", "1 while the relay runs.", &[("", 1.0)]);
+    metric("up", "gauge", "1 while the relay runs.", &[(vec![], 1.0)]);
     metric(
         "uptime_seconds",
         "gauge",
         "Seconds since the relay started.",
-        &[("", f(s.uptime_s))],
+        &[(vec![], f(s.uptime_s))],
     );
     metric(
         "mqtt_clients_connected",
         "gauge",
         "MQTT clients connected now.",
-        &[("", f(s.mqtt.clients_connected))],
+        &[(vec![], f(s.mqtt.clients_connected))],
     );
     metric(
         "mqtt_clients_parked",
         "gauge",
         "MQTT clients connected now that are parked (quiet, waiting without a task of their own).",
-        &[("", f(s.mqtt.clients_parked))],
+        &[(vec![], f(s.mqtt.clients_parked))],
     );
     metric(
         "mqtt_connections_total",
         "counter",
         "MQTT connections accepted.",
-        &[("", f(s.mqtt.connections_total))],
+        &[(vec![], f(s.mqtt.connections_total))],
     );
     metric(
         "mqtt_connections_refused_total",
         "counter",
         "Connections refused at the connection limit.",
-        &[("", f(s.mqtt.refused_busy))],
+        &[(vec![], f(s.mqtt.refused_busy))],
     );
     metric(
         "mqtt_auth_failures_total",
         "counter",
         "Logins refused.",
-        &[("", f(s.mqtt.auth_failures))],
+        &[(vec![], f(s.mqtt.auth_failures))],
     );
     metric(
         "mqtt_connections_closed_for_errors_total",
         "counter",
         "Connections closed for bad input or limits.",
-        &[("", f(s.mqtt.closed_for_errors))],
+        &[(vec![], f(s.mqtt.closed_for_errors))],
     );
     metric(
         "mqtt_denied_total",
         "counter",
         "Publishes and subscriptions denied by the ACL.",
         &[
-            ("{kind=\"publish\"}", f(s.mqtt.denied_publishes)),
-            ("{kind=\"subscribe\"}", f(s.mqtt.denied_subscriptions)),
+            (l("kind", "publish"), f(s.mqtt.denied_publishes)),
+            (l("kind", "subscribe"), f(s.mqtt.denied_subscriptions)),
         ],
     );
     let to_hub = s.uplink.as_ref().map_or(0, |u| u.acknowledged);
     let from_hub = s.downlink.as_ref().map_or(0, |d| d.delivered);
     let serial_in: u64 = s.serial.iter().map(|p| p.frames).sum();
     metric("messages_total", "counter", "Messages by direction: from local MQTT clients, from serial ports, to the hub (acknowledged), from the hub.", &[
-        ("{direction=\"mqtt_in\"}", f(s.mqtt.publishes_in)),
-        ("{direction=\"serial_in\"}", f(serial_in)),
-        ("{direction=\"to_hub\"}", f(to_hub)),
-        ("{direction=\"from_hub\"}", f(from_hub)),
+        (l("direction", "mqtt_in"), f(s.mqtt.publishes_in)),
+        (l("direction", "serial_in"), f(serial_in)),
+        (l("direction", "to_hub"), f(to_hub)),
+        (l("direction", "from_hub"), f(from_hub)),
     ]);
     metric(
         "outbox_messages",
         "gauge",
         "Messages waiting for the hub.",
-        &[("", f(s.outbox.messages))],
+        &[(vec![], f(s.outbox.messages))],
     );
     metric(
         "outbox_bytes",
         "gauge",
         "Bytes of messages waiting for the hub.",
-        &[("", f(s.outbox.bytes))],
+        &[(vec![], f(s.outbox.bytes))],
     );
     metric(
         "outbox_oldest_age_seconds",
         "gauge",
         "Age of the oldest message waiting.",
-        &[("", f(s.outbox.oldest_age_s))],
+        &[(vec![], f(s.outbox.oldest_age_s))],
     );
     metric(
         "outbox_appended_total",
         "counter",
         "Messages accepted into the outbox.",
-        &[("", f(s.outbox.appended))],
+        &[(vec![], f(s.outbox.appended))],
     );
     metric(
         "outbox_dropped_total",
         "counter",
         "Messages not kept, by reason.",
         &[
-            ("{reason=\"oldest\"}", f(s.outbox.dropped_oldest)),
-            ("{reason=\"age\"}", f(s.outbox.dropped_age)),
-            ("{reason=\"refused\"}", f(s.outbox.refused)),
-            ("{reason=\"corrupt\"}", f(s.outbox.corrupt)),
-            ("{reason=\"unexportable_topic\"}", f(s.mqtt.unexportable)),
+            (l("reason", "oldest"), f(s.outbox.dropped_oldest)),
+            (l("reason", "age"), f(s.outbox.dropped_age)),
+            (l("reason", "refused"), f(s.outbox.refused)),
+            (l("reason", "corrupt"), f(s.outbox.corrupt)),
+            (l("reason", "unexportable_topic"), f(s.mqtt.unexportable)),
         ],
     );
     metric(
         "outbox_commits_total",
         "counter",
         "Outbox commits (each one flush).",
-        &[("", f(s.outbox.commits))],
+        &[(vec![], f(s.outbox.commits))],
     );
     metric(
         "outbox_commit_failures_total",
         "counter",
         "Outbox commits that failed.",
-        &[("", f(s.outbox.commit_failures))],
+        &[(vec![], f(s.outbox.commit_failures))],
     );
     metric(
         "retained_messages",
         "gauge",
         "Topics with a retained message kept in the store.",
-        &[("", f(s.outbox.retained_messages))],
+        &[(vec![], f(s.outbox.retained_messages))],
     );
     metric(
         "retained_bytes",
         "gauge",
         "Bytes the retained messages take against max_retained_bytes.",
-        &[("", f(s.outbox.retained_bytes))],
+        &[(vec![], f(s.outbox.retained_bytes))],
     );
     metric(
         "retained_refused_total",
         "counter",
         "Retained messages refused because max_retained_bytes was reached.",
-        &[("", f(s.outbox.retained_refused))],
+        &[(vec![], f(s.outbox.retained_refused))],
     );
     // The router's retained messages are not repeated here: `retained_messages` above counts
     // the same topics, as the store keeps them.
@@ -592,191 +666,190 @@ pub fn metrics(s: &Status) -> String {
         "gauge",
         "Sessions of the local broker: with a connection, or persistent and kept without one.",
         &[
-            ("{state=\"online\"}", f(s.broker.sessions_online)),
-            ("{state=\"offline\"}", f(s.broker.sessions_offline)),
+            (l("state", "online"), f(s.broker.sessions_online)),
+            (l("state", "offline"), f(s.broker.sessions_offline)),
         ],
     );
     metric(
         "sessions_expired_total",
         "counter",
         "Offline sessions ended because their expiry passed.",
-        &[("", f(s.broker.sessions_expired))],
+        &[(vec![], f(s.broker.sessions_expired))],
     );
     metric(
         "subscriptions",
         "gauge",
         "Subscriptions of all sessions.",
-        &[("", f(s.broker.subscriptions))],
+        &[(vec![], f(s.broker.subscriptions))],
     );
     metric(
         "session_queued_messages",
         "gauge",
         "Deliveries waiting in the sessions' queues (not yet sent, or sent and unacknowledged).",
-        &[("", f(s.broker.queued_messages))],
+        &[(vec![], f(s.broker.queued_messages))],
     );
     metric(
         "session_queued_bytes",
         "gauge",
         "Bytes of the deliveries waiting in the sessions' queues.",
-        &[("", f(s.broker.queued_bytes))],
+        &[(vec![], f(s.broker.queued_bytes))],
     );
     metric(
         "messages_received_total",
         "counter",
         "Messages published into the local broker (by MQTT clients, the downlink and serial ports).",
-        &[("", f(s.broker.messages_in))],
+        &[(vec![], f(s.broker.messages_in))],
     );
     metric(
         "messages_sent_total",
         "counter",
         "Deliveries the local broker sent to MQTT clients.",
-        &[("", f(s.broker.messages_out))],
+        &[(vec![], f(s.broker.messages_out))],
     );
     metric(
         "session_dropped_total",
         "counter",
         "Deliveries dropped because a session's queue (or all of them) was full.",
-        &[("", f(s.broker.dropped))],
+        &[(vec![], f(s.broker.dropped))],
     );
     metric(
         "messages_expired_total",
         "counter",
         "Deliveries dropped because their message expired before they were sent.",
-        &[("", f(s.broker.expired))],
+        &[(vec![], f(s.broker.expired))],
     );
     metric(
         "wills_published_total",
         "counter",
         "Will messages published.",
-        &[("", f(s.broker.wills_published))],
+        &[(vec![], f(s.broker.wills_published))],
     );
     metric(
         "session_store_failures_total",
         "counter",
         "Session records and deliveries the store could not keep.",
-        &[("", f(s.broker.persist_failures))],
+        &[(vec![], f(s.broker.persist_failures))],
     );
     metric(
         "store_file_bytes",
         "gauge",
         "Size of the store's segment files (live and spare).",
-        &[("", f(s.outbox.file_bytes))],
+        &[(vec![], f(s.outbox.file_bytes))],
     );
     metric(
         "store_segments",
         "gauge",
         "Segment files of the store's log.",
         &[
-            ("{state=\"live\"}", f(s.outbox.segments)),
-            ("{state=\"spare\"}", f(s.outbox.spare_segments)),
+            (l("state", "live"), f(s.outbox.segments)),
+            (l("state", "spare"), f(s.outbox.spare_segments)),
         ],
     );
     metric(
         "store_bytes_written_total",
         "counter",
         "Bytes the store handed to the disk (pwrite), segment creation included.",
-        &[("", f(s.flash.store_bytes_written))],
+        &[(vec![], f(s.flash.store_bytes_written))],
     );
     metric(
         "store_flushes_total",
         "counter",
         "fdatasync calls of the store.",
-        &[("", f(s.flash.store_flushes))],
+        &[(vec![], f(s.flash.store_flushes))],
     );
     metric(
         "store_bytes_per_commit",
         "gauge",
         "Bytes the store wrote per commit since the start.",
-        &[("", s.flash.bytes_per_commit)],
+        &[(vec![], s.flash.bytes_per_commit)],
     );
     metric(
         "store_write_rate_bytes_per_day",
         "gauge",
         "The store's write rate over the last minute, as bytes per day.",
-        &[("", f(s.flash.bytes_per_day))],
+        &[(vec![], f(s.flash.bytes_per_day))],
     );
     metric(
         "store_floor_pages_total",
         "counter",
         "Pages the physical floor would write for the same commits (each commit's bytes in whole pages).",
-        &[("", f(s.flash.floor_pages))],
+        &[(vec![], f(s.flash.floor_pages))],
     );
     metric(
         "store_torn_total",
         "counter",
         "Torn writes found at the log's tail when the store opened.",
-        &[("", f(s.outbox.torn))],
+        &[(vec![], f(s.outbox.torn))],
     );
     metric(
         "flash_bytes_written_total",
         "counter",
         "Bytes the relay made the kernel write to storage.",
-        &[("", f(s.flash.bytes_written))],
+        &[(vec![], f(s.flash.bytes_written))],
     );
     metric(
         "flash_bytes_per_message",
         "gauge",
         "Bytes written to storage per message accepted.",
-        &[("", s.flash.bytes_per_message)],
+        &[(vec![], s.flash.bytes_per_message)],
     );
     metric(
         "memory_rss_bytes",
         "gauge",
         "Resident memory.",
-        &[("", f(s.memory.rss_bytes))],
+        &[(vec![], f(s.memory.rss_bytes))],
     );
     if let Some(u) = &s.uplink {
         metric(
             "uplink_connected",
             "gauge",
             "1 while the hub connection is up.",
-            &[("", if u.connected { 1.0 } else { 0.0 })],
+            &[(vec![], if u.connected { 1.0 } else { 0.0 })],
         );
         metric(
             "uplink_published_total",
             "counter",
             "Publishes sent to the hub (with resends).",
-            &[("", f(u.published))],
+            &[(vec![], f(u.published))],
         );
         metric(
             "uplink_duplicates_total",
             "counter",
             "Publishes the hub already had.",
-            &[("", f(u.duplicates))],
+            &[(vec![], f(u.duplicates))],
         );
         metric(
             "uplink_failures_total",
             "counter",
             "Times the uplink paused on an error.",
-            &[("", f(u.failures))],
+            &[(vec![], f(u.failures))],
         );
-        let hub_errors: Vec<(String, f64)> = u
+        let hub_errors: Vec<(Labels, f64)> = u
             .hub_errors
             .iter()
-            .map(|(kind, n)| (format!("{{kind=\"{kind}\"}}"), f(*n)))
+            .map(|(kind, n)| (l("kind", kind.as_str()), f(*n)))
             .collect();
         metric(
             "uplink_hub_errors_total",
             "counter",
             "Errors the hub answered with, by kind: no_stream, limits, permissions, timeout, other.",
-            &borrow(&hub_errors),
+            &hub_errors,
         );
         metric(
             "uplink_puback_latency_seconds_avg",
             "gauge",
             "Average PubAck round trip.",
-            &[("", u.ack_latency_ms_avg / 1000.0)],
+            &[(vec![], u.ack_latency_ms_avg / 1000.0)],
         );
         metric(
             "uplink_puback_latency_seconds_last",
             "gauge",
             "Last PubAck round trip.",
-            &[("", u.ack_latency_ms_last / 1000.0)],
+            &[(vec![], u.ack_latency_ms_last / 1000.0)],
         );
     }
     if !s.serial.is_empty() {
-        let mut samples = Vec::new();
-        let labels: Vec<(String, f64)> = s
+        let samples: Vec<(Labels, f64)> = s
             .serial
             .iter()
             .flat_map(|p| {
@@ -789,15 +862,12 @@ pub fn metrics(s: &Status) -> String {
                 ]
                 .map(|(reason, n)| {
                     (
-                        format!("{{port=\"{}\",reason=\"{reason}\"}}", escape_label(&p.port)),
+                        vec![("port", p.port.clone()), ("reason", reason.to_owned())],
                         f(n),
                     )
                 })
             })
             .collect();
-        for (l, v) in &labels {
-            samples.push((l.as_str(), *v));
-        }
         metric(
             "serial_frames_total",
             "counter",
@@ -806,13 +876,10 @@ pub fn metrics(s: &Status) -> String {
         );
     }
     if !s.modbus.is_empty() {
-        let label = |d: &ModbusStatus, key: &str, value: &str| {
-            format!(
-                "{{device=\"{}\",{key}=\"{value}\"}}",
-                escape_label(&d.device)
-            )
+        let label = |d: &ModbusStatus, key: &'static str, value: &str| -> Labels {
+            vec![("device", d.device.clone()), (key, value.to_owned())]
         };
-        let transactions: Vec<(String, f64)> = s
+        let transactions: Vec<(Labels, f64)> = s
             .modbus
             .iter()
             .flat_map(|d| {
@@ -825,7 +892,7 @@ pub fn metrics(s: &Status) -> String {
                 .map(|(outcome, n)| (label(d, "outcome", outcome), f(n)))
             })
             .collect();
-        let commands: Vec<(String, f64)> = s
+        let commands: Vec<(Labels, f64)> = s
             .modbus
             .iter()
             .flat_map(|d| {
@@ -838,18 +905,18 @@ pub fn metrics(s: &Status) -> String {
                 .map(|(outcome, n)| (label(d, "outcome", outcome), f(n)))
             })
             .collect();
-        let device = |d: &ModbusStatus| format!("{{device=\"{}\"}}", escape_label(&d.device));
-        let online: Vec<(String, f64)> = s
+        let device = |d: &ModbusStatus| l("device", d.device.as_str());
+        let online: Vec<(Labels, f64)> = s
             .modbus
             .iter()
             .map(|d| (device(d), if d.online { 1.0 } else { 0.0 }))
             .collect();
-        let garbage: Vec<(String, f64)> = s
+        let garbage: Vec<(Labels, f64)> = s
             .modbus
             .iter()
             .map(|d| (device(d), f(d.garbage_bytes)))
             .collect();
-        let published: Vec<(String, f64)> = s
+        let published: Vec<(Labels, f64)> = s
             .modbus
             .iter()
             .map(|d| (device(d), f(d.published)))
@@ -858,45 +925,33 @@ pub fn metrics(s: &Status) -> String {
             "modbus_transactions_total",
             "counter",
             "Modbus transactions by device and outcome.",
-            &borrow(&transactions),
+            &transactions,
         );
         metric(
             "modbus_commands_total",
             "counter",
             "Commands to Modbus devices by outcome: written, failed on the bus, refused (bad register or value), dropped (port absent, queue full).",
-            &borrow(&commands),
+            &commands,
         );
         metric(
             "modbus_device_online",
             "gauge",
             "1 while the Modbus device answers, 0 once it stopped answering.",
-            &borrow(&online),
+            &online,
         );
         metric(
             "modbus_garbage_bytes_total",
             "counter",
             "Bytes on the bus that were not part of a Modbus reply.",
-            &borrow(&garbage),
+            &garbage,
         );
         metric(
             "modbus_values_published_total",
             "counter",
             "Register values and states published by Modbus device.",
-            &borrow(&published),
+            &published,
         );
     }
-    out
-}
-
-/// Samples with owned labels, as `metric` takes them.
-fn borrow(samples: &[(String, f64)]) -> Vec<(&str, f64)> {
-    samples.iter().map(|(l, x)| (l.as_str(), *x)).collect()
-}
-
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// Serves `/metrics` and `/status` until `shutdown` (axum on hyper, HTTP/1.1).

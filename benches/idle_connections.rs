@@ -153,16 +153,7 @@ impl Settings {
             *slot = Some(value);
         }
 
-        fn num<T: std::str::FromStr>(what: &str, v: Option<String>, default: T) -> Result<T> {
-            match v {
-                None => Ok(default),
-                Some(s) => s
-                    .trim()
-                    .replace('_', "")
-                    .parse()
-                    .map_err(|_| anyhow!("{what}: {s:?} is not a number")),
-            }
-        }
+        use crate::common::num;
 
         let connections: usize = num("connections", connections, 10_000)?;
         let per_source: usize = num("per-source", per_source, 250)?;

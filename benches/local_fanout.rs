@@ -188,16 +188,7 @@ impl Settings {
             *slot = Some(value);
         }
 
-        fn num<T: std::str::FromStr>(what: &str, v: Option<String>, default: T) -> Result<T> {
-            match v {
-                None => Ok(default),
-                Some(s) => s
-                    .trim()
-                    .replace('_', "")
-                    .parse()
-                    .map_err(|_| anyhow!("{what}: {s:?} is not a number")),
-            }
-        }
+        use crate::common::num;
 
         let messages: usize = num("messages", messages, 100_000)?;
         let payload: usize = num("payload", payload, 64)?;

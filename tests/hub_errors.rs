@@ -39,6 +39,24 @@ fn exactly_once(msgs: &[HubMsg], tag: &str, n: usize) {
     assert_eq!(seen.len(), n, "{tag}: messages in the hub");
 }
 
+/// Once the hub is fixed: all `n` messages of `tag` reach the stream exactly once and leave the
+/// outbox, and the relay said the trouble (`said`) once and its end once.
+async fn all_arrive_and_said_once(
+    relay: &Relay,
+    admin: u16,
+    url: &str,
+    tag: &str,
+    n: usize,
+    said: &str,
+) {
+    wait_stream_count(url, STREAM, n as u64, WAIT).await;
+    wait_outbox_empty(admin, WAIT).await;
+    let msgs = read_stream(url, STREAM, WAIT).await;
+    exactly_once(&msgs, tag, n);
+    assert_eq!(relay.log_count(said), 1, "said once; log:\n{}", relay.log());
+    assert_eq!(relay.log_count("the hub stores messages again"), 1);
+}
+
 /// The relay's count of hub errors of `kind`.
 async fn hub_errors(admin: u16, kind: &str) -> u64 {
     admin_status(admin).await["uplink"]["hub_errors"][kind]
@@ -123,17 +141,15 @@ async fn a_missing_stream_the_relay_may_not_make_keeps_messages_until_it_is_made
     assert_eq!(outbox_messages(admin).await, 300, "kept in the outbox");
 
     hub.create_stream().await;
-    wait_stream_count(&hub.url(), STREAM, 300, WAIT).await;
-    wait_outbox_empty(admin, WAIT).await;
-    let msgs = read_stream(&hub.url(), STREAM, WAIT).await;
-    exactly_once(&msgs, "b", 300);
-    assert_eq!(
-        relay.log_count("until the stream exists"),
-        1,
-        "said once; log:\n{}",
-        relay.log()
-    );
-    assert_eq!(relay.log_count("the hub stores messages again"), 1);
+    all_arrive_and_said_once(
+        &relay,
+        admin,
+        &hub.url(),
+        "b",
+        300,
+        "until the stream exists",
+    )
+    .await;
 }
 
 /// An account `OFFICE` with the relay's user (`relay`, with `relay_permissions`) and the
@@ -256,15 +272,13 @@ async fn a_denied_subject_keeps_messages_until_the_hub_allows_it() {
 
     hub.restart_with(&account_conf("max_file: 1073741824", ""))
         .await;
-    wait_stream_count(&hub.url(), STREAM, 300, WAIT).await;
-    wait_outbox_empty(admin, WAIT).await;
-    let msgs = read_stream(&hub.url(), STREAM, WAIT).await;
-    exactly_once(&msgs, "a", 300);
-    assert_eq!(
-        relay.log_count("denies the relay's user a subject"),
-        1,
-        "said once; log:\n{}",
-        relay.log()
-    );
-    assert_eq!(relay.log_count("the hub stores messages again"), 1);
+    all_arrive_and_said_once(
+        &relay,
+        admin,
+        &hub.url(),
+        "a",
+        300,
+        "denies the relay's user a subject",
+    )
+    .await;
 }

@@ -15,8 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use tokio::net::TcpStream;
 
 use crate::broker::router::Router;
 use crate::downlink::DownlinkStatus;
@@ -25,6 +24,12 @@ use crate::modbus::DeviceStats;
 use crate::serial::PortStats;
 use crate::store::OutboxStats;
 use crate::uplink::UplinkStatus;
+
+mod http;
+pub mod live;
+mod page;
+
+pub use http::{serve, serve_tls};
 
 /// How long `relaybox status` waits for the relay's answer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,11 +47,34 @@ pub struct Sources {
     pub broker: Router,
     /// The process's kernel write count when the relay started.
     pub write_bytes_at_start: u64,
+    /// The store's directory (its file system's free space is shown).
+    pub data_dir: std::path::PathBuf,
+    /// The samples of the last 15 minutes, for the page.
+    pub live: Arc<live::Live>,
+    /// Logins to the admin endpoint beyond the box.
+    pub logins: LoginStats,
 }
+
+/// Logins to the admin endpoint on `tls_listen`.
+#[derive(Debug, Default)]
+pub struct LoginStats {
+    pub accepted: std::sync::atomic::AtomicU64,
+    /// A wrong user name or password.
+    pub bad_credentials: std::sync::atomic::AtomicU64,
+    /// A right login of a user not in the group `admins`.
+    pub not_admin: std::sync::atomic::AtomicU64,
+}
+
+/// The shape of `/status` (docs/STATUS.md). It grows by new fields within a version; a
+/// field that changes meaning or goes makes a new version.
+pub const STATUS_VERSION: u32 = 1;
 
 /// The JSON of `/status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
+    /// [`STATUS_VERSION`].
+    #[serde(default)]
+    pub status_version: u32,
     pub relay: String,
     pub version: String,
     pub uptime_s: u64,
@@ -62,6 +90,19 @@ pub struct Status {
     /// Modbus devices (`[[modbus]]`).
     #[serde(default)]
     pub modbus: Vec<ModbusStatus>,
+    #[serde(default)]
+    pub admin: AdminStatus,
+}
+
+/// Logins to the admin endpoint beyond the box (`tls_listen`) since start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct AdminStatus {
+    pub logins_accepted: u64,
+    /// Refused: a wrong user name or password.
+    pub logins_bad_credentials: u64,
+    /// Refused: a user not in the group `admins`.
+    pub logins_not_admin: u64,
 }
 
 /// The local broker's router (`crate::broker::router`): its sessions, subscriptions and queues
@@ -159,6 +200,9 @@ pub struct OutboxStatus {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct UplinkState {
     pub connected: bool,
+    /// When the link last went up or down (ms since the Unix epoch); 0: it has not since start.
+    #[serde(default)]
+    pub since_unix_ms: u64,
     pub published: u64,
     pub acknowledged: u64,
     pub duplicates: u64,
@@ -199,6 +243,12 @@ pub struct FlashStatus {
     /// The store's write rate over the last minute, as bytes per day.
     #[serde(default)]
     pub bytes_per_day: u64,
+    /// The store's file system: bytes left to the relay and bytes in all (read every 10 s; 0
+    /// until first read).
+    #[serde(default)]
+    pub free_bytes: u64,
+    #[serde(default)]
+    pub total_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -235,6 +285,13 @@ pub struct ModbusStatus {
     pub write_failures: u64,
     pub commands_refused: u64,
     pub commands_dropped: u64,
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
@@ -278,7 +335,9 @@ impl Sources {
         let appended = load(&o.appended);
         let written = process_write_bytes().saturating_sub(self.write_bytes_at_start);
         let (rss, peak) = process_rss();
+        let (free_bytes, total_bytes) = self.live.space();
         Status {
+            status_version: STATUS_VERSION,
             relay: self.relay.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_s: self.started.elapsed().as_secs(),
@@ -328,6 +387,7 @@ impl Sources {
                 let count = load(&u.ack_latency_count);
                 UplinkState {
                     connected: u.connected.load(Ordering::Relaxed),
+                    since_unix_ms: load(&u.changed_unix_ms),
                     published: load(&u.published),
                     acknowledged: load(&u.acknowledged),
                     duplicates: load(&u.duplicates),
@@ -365,6 +425,8 @@ impl Sources {
                     n => load(&o.bytes_written) as f64 / n as f64,
                 },
                 bytes_per_day: load(&o.write_rate_per_day),
+                free_bytes,
+                total_bytes,
             },
             memory: MemoryStatus {
                 rss_bytes: rss,
@@ -419,6 +481,11 @@ impl Sources {
                     wills_published: load(&r.wills_published),
                     persist_failures: load(&r.persist_failures),
                 }
+            },
+            admin: AdminStatus {
+                logins_accepted: load(&self.logins.accepted),
+                logins_bad_credentials: load(&self.logins.bad_credentials),
+                logins_not_admin: load(&self.logins.not_admin),
             },
         }
     }
@@ -538,6 +605,30 @@ fn figures(s: &Status, metric: &mut impl FnMut(&str, &str, &str, &[(Labels, f64)
         "gauge",
         "Seconds since the relay started.",
         &[(vec![], f(s.uptime_s))],
+    );
+    metric(
+        "admin_logins_total",
+        "counter",
+        "Logins accepted by the admin endpoint beyond the box (tls_listen).",
+        &[(vec![], f(s.admin.logins_accepted))],
+    );
+    metric(
+        "admin_logins_refused_total",
+        "counter",
+        "Logins refused by the admin endpoint beyond the box, by reason.",
+        &[
+            (
+                l("reason", "bad_credentials"),
+                f(s.admin.logins_bad_credentials),
+            ),
+            (l("reason", "not_admin"), f(s.admin.logins_not_admin)),
+        ],
+    );
+    metric(
+        "store_free_bytes",
+        "gauge",
+        "Bytes left to the relay on the store's file system.",
+        &[(vec![], f(s.flash.free_bytes))],
     );
     metric(
         "mqtt_clients_connected",
@@ -951,42 +1042,6 @@ fn figures(s: &Status, metric: &mut impl FnMut(&str, &str, &str, &[(Labels, f64)
             "Register values and states published by Modbus device.",
             &published,
         );
-    }
-}
-
-/// Serves `/metrics` and `/status` until `shutdown` (axum on hyper, HTTP/1.1).
-pub async fn serve(listener: TcpListener, sources: Arc<Sources>, shutdown: CancellationToken) {
-    use axum::http::{header, StatusCode};
-    use axum::routing::get;
-
-    let metrics_route = |sources: Arc<Sources>| {
-        get(move || async move {
-            (
-                [(
-                    header::CONTENT_TYPE,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                )],
-                metrics(&sources.snapshot()),
-            )
-        })
-    };
-    let status_route = |sources: Arc<Sources>| {
-        get(move || async move {
-            (
-                [(header::CONTENT_TYPE, "application/json")],
-                serde_json::to_string_pretty(&sources.snapshot()).unwrap_or_default(),
-            )
-        })
-    };
-    let app = axum::Router::new()
-        .route("/metrics", metrics_route(sources.clone()))
-        .route("/status", status_route(sources))
-        .fallback(|| async { (StatusCode::NOT_FOUND, "try /metrics or /status\n") });
-    if let Err(error) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::warn!(%error, "the admin endpoint stopped");
     }
 }
 

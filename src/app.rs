@@ -209,18 +209,12 @@ pub async fn run_with(
         modbus: modbus_stats,
         broker: router.clone(),
         write_bytes_at_start,
+        data_dir: config.relay.data_dir.clone(),
+        live: Default::default(),
+        logins: Default::default(),
     });
-    match tokio::net::TcpListener::bind(config.admin.listen).await {
-        Ok(listener) => {
-            tracker.spawn(admin::serve(listener, sources.clone(), shutdown.clone()));
-        }
-        // The admin endpoint is for people; the relay serves its devices without it.
-        Err(error) => tracing::warn!(
-            %error,
-            listen = %config.admin.listen,
-            "cannot serve /metrics and /status"
-        ),
-    }
+    tracker.spawn(admin::live::run(sources.clone(), shutdown.clone()));
+    serve_admin(&config.admin, &sources, &tracker, &shutdown).await;
     if let Some((client, prefix, interval)) = hub_client {
         let make = {
             let sources = sources.clone();
@@ -310,6 +304,59 @@ fn gate_settings(config: &Config) -> GateSettings {
 
 /// Applies what can change without a restart: ACL rules and groups, TLS certificates.
 /// Anything else in the file needs a restart (said in the log).
+/// Serves the admin endpoint on its listeners. The endpoint is for people: the relay serves
+/// its devices without it, so a listener that cannot be had is logged, not fatal.
+async fn serve_admin(
+    config: &crate::config::AdminConfig,
+    sources: &Arc<admin::Sources>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => {
+            tracker.spawn(admin::serve(listener, sources.clone(), shutdown.clone()));
+        }
+        Err(error) => tracing::warn!(
+            %error,
+            listen = %config.listen,
+            "cannot serve the admin page, /metrics and /status"
+        ),
+    }
+    let (Some(addr), Some(cert), Some(key)) =
+        (config.tls_listen, &config.tls_cert, &config.tls_key)
+    else {
+        return;
+    };
+    let tls = crate::gate::tls::Tls::load(TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: None,
+        require_client_cert: false,
+    });
+    let tls = match tls {
+        Ok(tls) => Arc::new(tls),
+        Err(error) => {
+            tracing::error!(%error, tls_listen = %addr, "the admin endpoint is not served beyond the box");
+            return;
+        }
+    };
+    match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => {
+            tracker.spawn(admin::serve_tls(
+                listener,
+                tls,
+                sources.clone(),
+                shutdown.clone(),
+            ));
+        }
+        Err(error) => tracing::error!(
+            %error,
+            tls_listen = %addr,
+            "the admin endpoint is not served beyond the box"
+        ),
+    }
+}
+
 pub fn apply_reload(gate: &GateReload, path: &std::path::Path) {
     match Config::load(path) {
         Ok(new) => {

@@ -150,22 +150,36 @@ impl Default for MqttConfig {
     }
 }
 
-/// `[admin]`: the metrics and status endpoint.
+/// `[admin]`: the web page, `/status` and `/metrics`.
+///
+/// `listen` is a loopback address: there they are served in plain HTTP to anyone on the box
+/// (and `relaybox status` reads them). Beyond the box they are served only on `tls_listen`,
+/// over TLS (`tls_cert`, `tls_key`), and only to a relay user of the group `admins` who logs in
+/// (HTTP Basic).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Where `/metrics` and `/status` are served; keep it on loopback.
     #[serde(default = "default_admin_listen")]
     pub listen: SocketAddr,
+    pub tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain and private key for `tls_listen`.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             listen: default_admin_listen(),
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
+
+/// The group whose users may log in to the admin endpoint.
+pub const ADMIN_GROUP: &str = "admins";
 
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9180))
@@ -764,6 +778,25 @@ impl Config {
                 "tls_listen and wss_listen need both tls_cert and tls_key".to_owned(),
             ));
         }
+        let a = &self.admin;
+        if !a.listen.ip().is_loopback() {
+            return Err(invalid(
+                "[admin]",
+                "admin.listen",
+                format!(
+                    "{} is not a loopback address; to serve the admin page beyond the box use \
+                     tls_listen with tls_cert and tls_key (HTTPS, for users of the group `{ADMIN_GROUP}`)",
+                    a.listen
+                ),
+            ));
+        }
+        if a.tls_listen.is_some() && (a.tls_cert.is_none() || a.tls_key.is_none()) {
+            return Err(invalid(
+                "[admin]",
+                "admin.tls_listen",
+                "tls_listen needs both tls_cert and tls_key".to_owned(),
+            ));
+        }
         if m.tls_require_client_cert && m.tls_client_ca.is_none() {
             return Err(invalid(
                 "tls_require_client_cert",
@@ -1257,6 +1290,15 @@ mod tests {
             (
                 "[relay]\nname = \"a\"\ndata_dir = \"d\"\n[[export]]\nfilter = \"a/#\"\n",
                 "r.toml:4: key `export`: export rules need an [uplink]",
+            ),
+            (
+                "[relay]\nname = \"a\"\ndata_dir = \"d\"\n[admin]\nlisten = \"0.0.0.0:9180\"\n",
+                "r.toml:4: key `admin.listen`: 0.0.0.0:9180 is not a loopback address; to serve \
+                 the admin page beyond the box use tls_listen",
+            ),
+            (
+                "[relay]\nname = \"a\"\ndata_dir = \"d\"\n[admin]\ntls_listen = \"0.0.0.0:9443\"\n",
+                "r.toml:4: key `admin.tls_listen`: tls_listen needs both tls_cert and tls_key",
             ),
             ("[relay\n", "r.toml:1:"),
         ];

@@ -20,3 +20,4 @@ pub mod serial;
 pub mod store;
 pub mod systemd;
 pub mod uplink;
+pub mod warnings;

@@ -277,22 +277,24 @@ fn stop_signal() -> impl std::future::Future<Output = ()> {
     }
 }
 
-/// rumqttd reports every ordinary client disconnect as an error; the gate logs what matters
-/// about connections, so the router's own log is off unless RUST_LOG asks for it.
-const DEFAULT_LOG_FILTER: &str = "info,rumqttd=off,async_nats=warn";
+/// async-nats logs every reconnect attempt; the uplink logs what matters about the hub link.
+const DEFAULT_LOG_FILTER: &str = "info,async_nats=warn";
 
-/// Logs to journald (with fields) when stderr is systemd's journal stream, else to stderr.
+/// Logs to journald (with fields) when stderr is systemd's journal stream, else to stderr;
+/// warnings and errors are also kept for the admin page (`relaybox::warnings`).
 fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let kept = relaybox::warnings::Layer;
     if relaybox::systemd::stderr_is_journal() {
         match relaybox::systemd::journald_layer() {
             Ok(journald) => {
                 tracing_subscriber::registry()
                     .with(filter)
                     .with(journald)
+                    .with(kept)
                     .init();
                 return;
             }
@@ -300,9 +302,13 @@ fn init_logging() {
             Err(error) => eprintln!("relaybox: cannot log to journald ({error}); using stderr"),
         }
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_writer(std::io::stderr),
+        )
+        .with(kept)
         .init();
 }

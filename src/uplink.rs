@@ -129,6 +129,8 @@ pub struct HubSecurity {
 #[derive(Debug, Default)]
 pub struct UplinkStatus {
     pub connected: AtomicBool,
+    /// When the link last went up or down, in ms since the Unix epoch (0: not since start).
+    pub changed_unix_ms: AtomicU64,
     pub published: AtomicU64,
     pub acknowledged: AtomicU64,
     pub duplicates: AtomicU64,
@@ -305,12 +307,14 @@ pub async fn connect(
                 match event {
                     async_nats::Event::Connected => {
                         if !status.connected.swap(true, Ordering::Relaxed) {
+                            status.changed_unix_ms.store(unix_ms(), Ordering::Relaxed);
                             tracing::info!("hub connected");
                         }
                         status.link.send_replace(Some(unix_ms()));
                     }
                     async_nats::Event::Disconnected => {
                         if status.connected.swap(false, Ordering::Relaxed) {
+                            status.changed_unix_ms.store(unix_ms(), Ordering::Relaxed);
                             tracing::warn!("hub disconnected; keeping messages in the outbox");
                         }
                         status.link.send_replace(None);

@@ -14,10 +14,9 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Relay, RelayConfig, RELAY_BIN};
+use common::{add_user, Relay, RelayConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -2349,45 +2348,12 @@ async fn empty_client_id_gets_an_assigned_client_identifier() {
 // 18. Reason codes on refusals (§3.2.2.2, §3.4.2.1, §3.5.2.1, §3.9.3)
 // ---------------------------------------------------------------------------------------------
 
-fn add_user(relay: &Relay, name: &str, password: &str) {
-    let mut child = Command::new(RELAY_BIN)
-        .args(["user", "add", name, "--password-stdin", "--config"])
-        .arg(&relay.config_path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn relaybox user add");
-    {
-        use std::io::Write;
-        let mut stdin = child.stdin.take().expect("stdin");
-        stdin
-            .write_all(format!("{password}\n").as_bytes())
-            .expect("write password");
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("try_wait").is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("relaybox user add did not finish within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("user add output");
-    assert!(
-        out.status.success(),
-        "user add {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test]
 async fn refusals_carry_the_right_reason_codes() {
     let cfg = RelayConfig::new("v5-refusals").no_anonymous();
     let acl = "\n[[acl]]\nuser = \"alice\"\npublish = [\"ok/#\"]\nsubscribe = [\"ok/#\"]\n";
     let mut relay = Relay::create(cfg, acl);
-    add_user(&relay, "alice", "alice-pw");
+    add_user(&relay.config_path, "alice", "alice-pw");
     relay.restart().await;
     let port = relay.port();
     let mut c = Checks::new("reason codes");

@@ -95,6 +95,24 @@ impl Auth {
         c.users.clone()
     }
 
+    /// Whether `name` is a user of the user file and `password` is theirs (checked on the
+    /// blocking pool).
+    pub async fn verify(&self, name: &str, password: &str) -> bool {
+        let users = tokio::task::block_in_place(|| self.users());
+        let (name, password) = (name.to_owned(), password.to_owned());
+        tokio::task::spawn_blocking(move || users.verify(&name, password.as_bytes()))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Whether `user` is in the config's group `group`.
+    pub fn in_group(&self, user: &str, group: &str) -> bool {
+        self.lock()
+            .groups
+            .get(group)
+            .is_some_and(|members| members.iter().any(|m| m == user))
+    }
+
     /// The user name a client is known by (`None`: anonymous), or why it is refused.
     pub async fn authenticate(
         &self,

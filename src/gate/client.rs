@@ -54,10 +54,22 @@ pub struct Shared {
     pub(super) started: Instant,
     /// Where quiet plain-TCP connections wait without a task (`None`: they keep theirs).
     pub(super) parker: Option<Parker>,
+    /// The clients connected now.
+    pub clients: super::clients::Clients,
     pub stats: GateStats,
 }
 
 impl Shared {
+    /// Whether `name` logs in with `password` (a user of the user file) and is in `group`:
+    /// `None` for a wrong name or password, else `Some(in the group)`. For logins other than
+    /// MQTT's (the admin endpoint).
+    pub async fn login(&self, name: &str, password: &str, group: &str) -> Option<bool> {
+        self.auth
+            .verify(name, password)
+            .await
+            .then(|| self.auth.in_group(name, group))
+    }
+
     /// Connections parked now.
     pub fn parked(&self) -> u64 {
         self.parker.as_ref().map_or(0, Parker::parked)
@@ -188,6 +200,7 @@ pub(super) async fn serve<S>(
     shared: Arc<Shared>,
     stream: S,
     peer: SocketAddr,
+    transport: super::Transport,
     cert_user: Option<String>,
     shutdown: CancellationToken,
     held: Held,
@@ -203,7 +216,12 @@ pub(super) async fn serve<S>(
     // The handshake's state is boxed: it is done with once the client is in, and a connection
     // that then waits for its client carries none of it.
     let started = Box::pin(handshake(
-        &shared, &mut rd, &mut wr, &mut buf, cert_user, &shutdown,
+        &shared,
+        &mut rd,
+        &mut wr,
+        &mut buf,
+        (peer, transport, cert_user),
+        &shutdown,
     ))
     .await;
     match started {
@@ -531,7 +549,7 @@ async fn handshake<R, W>(
     rd: &mut R,
     wr: &mut W,
     buf: &mut BytesMut,
-    cert_user: Option<String>,
+    (peer, transport, cert_user): (SocketAddr, super::Transport, Option<String>),
     shutdown: &CancellationToken,
 ) -> Result<Option<Started>, ConnError>
 where
@@ -634,7 +652,15 @@ where
     wr.write_all(&codec::connack(version, connected.present, 0, &props))
         .await?;
 
+    let listed = shared.clients.add(
+        handle.client_id.clone(),
+        user.clone(),
+        version,
+        transport,
+        peer,
+    );
     let conn = Conn {
+        listed,
         shared: shared.clone(),
         version,
         client_id: handle.client_id.clone(),
@@ -876,6 +902,8 @@ struct Outflight {
 
 /// An authenticated client's connection.
 struct Conn {
+    /// Its number in the list of clients connected now (`Shared::clients`).
+    listed: u64,
     shared: Arc<Shared>,
     version: Version,
     client_id: Arc<str>,
@@ -924,6 +952,12 @@ struct Maps {
 
 /// The maps of a connection that has none yet.
 static NO_MAPS: std::sync::LazyLock<Maps> = std::sync::LazyLock::new(Maps::default);
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.shared.clients.remove(self.listed);
+    }
+}
 
 impl Conn {
     /// The flows' maps, to read.

@@ -2,12 +2,12 @@
 //!
 //! Listeners: plain TCP (`listen`), TLS (`tls_listen`), WebSocket (`ws_listen`, path `/mqtt`)
 //! and WebSocket over TLS (`wss_listen`). Whatever the transport, a connection goes through the
-//! same code: the gate reads its CONNECT (with a deadline), authenticates it, opens a connection
-//! to the internal rumqttd server of the client's protocol version and then relays packets both
-//! ways, framing each one. Client packets are forwarded in the order they came; a PUBLISH whose
-//! topic matches an export rule is first appended to the outbox, and a QoS 1/2 one is forwarded
-//! (and so acknowledged by the router) only after its record is durable. PUBLISH and SUBSCRIBE
-//! are checked against the topic ACL on the way.
+//! same code: the gate reads its CONNECT (with a deadline), authenticates it, opens (or
+//! resumes) the client's session in the router (`crate::broker::router`, in this process) and
+//! then serves its packets. A PUBLISH whose topic matches an export rule is first appended to
+//! the outbox, and a QoS 1/2 one is acknowledged and routed only after its record is durable.
+//! PUBLISH and SUBSCRIBE are checked against the topic ACL on the way. The clients connected
+//! now are listed (`clients`) for the admin page.
 //!
 //! *Architecture invariant:* a QoS ≥ 1 PUBACK/PUBREC for an exported topic reaches the client
 //! only after the outbox commit that holds the message.
@@ -18,6 +18,7 @@
 pub mod acl;
 mod auth;
 mod client;
+pub mod clients;
 mod park;
 pub mod tls;
 pub mod ws;
@@ -168,6 +169,7 @@ impl Gate {
             store,
             tls,
             auth,
+            clients: clients::Clients::default(),
             stats: GateStats::default(),
             last_busy_warning: AtomicU64::new(0),
             started: Instant::now(),
@@ -294,7 +296,16 @@ async fn open(
     // Each transport's state is boxed on its own, so that a plain TCP connection does not
     // carry the size of a TLS or WebSocket one.
     if transport == Transport::Tcp {
-        Box::pin(client::serve(shared, stream, peer, None, shutdown, held)).await;
+        Box::pin(client::serve(
+            shared,
+            stream,
+            peer,
+            Transport::Tcp,
+            None,
+            shutdown,
+            held,
+        ))
+        .await;
         return;
     }
     Box::pin(open_wrapped(
@@ -317,13 +328,13 @@ async fn open_wrapped(
     let result: Result<(), String> = async {
         match transport {
             Transport::Tcp => {
-                client::serve(shared, stream, peer, None, shutdown, held).await;
+                client::serve(shared, stream, peer, Transport::Tcp, None, shutdown, held).await;
             }
             Transport::Ws => {
                 let ws = ws::accept(stream, max, deadline)
                     .await
                     .map_err(|e| e.to_string())?;
-                client::serve(shared, ws, peer, None, shutdown, held).await;
+                client::serve(shared, ws, peer, Transport::Ws, None, shutdown, held).await;
             }
             Transport::Tls | Transport::Wss => {
                 let acceptor = match &shared.tls {
@@ -336,12 +347,14 @@ async fn open_wrapped(
                     .map_err(|e| format!("TLS handshake failed: {e}"))?;
                 let cert_user = tls::client_common_name(tls.get_ref().1);
                 if transport == Transport::Tls {
-                    client::serve(shared, tls, peer, cert_user, shutdown, held).await;
+                    client::serve(shared, tls, peer, Transport::Tls, cert_user, shutdown, held)
+                        .await;
                 } else {
                     let ws = ws::accept(tls, max, deadline)
                         .await
                         .map_err(|e| e.to_string())?;
-                    client::serve(shared, ws, peer, cert_user, shutdown, held).await;
+                    client::serve(shared, ws, peer, Transport::Wss, cert_user, shutdown, held)
+                        .await;
                 }
             }
         }

@@ -113,6 +113,25 @@ pub fn max_record(segment: u64) -> u64 {
     segment.saturating_sub(format::PAGE + 256)
 }
 
+/// The space of the file system that holds `data_dir`: (available to the relay, total), in
+/// bytes. `None` where it cannot be read. A disk that stops answering blocks the caller: call
+/// it off the async threads.
+pub fn space(data_dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(data_dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `path` is a NUL-terminated string that outlives the call; `stat` is a plain
+    // struct the call fills in, read only when it succeeds.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    let block = stat.f_frsize as u64;
+    Some((
+        (stat.f_bavail as u64).saturating_mul(block),
+        (stat.f_blocks as u64).saturating_mul(block),
+    ))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the store at {path}: {reason}")]

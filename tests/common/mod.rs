@@ -716,6 +716,8 @@ pub struct RelayConfig {
     pub outbox_extra: String,
     /// The admin endpoint's port (`/metrics`, `/status`).
     pub admin_port: u16,
+    /// More lines for the `[admin]` section.
+    pub admin_extra: String,
 }
 
 impl RelayConfig {
@@ -736,7 +738,15 @@ impl RelayConfig {
             uplink_extra: String::new(),
             outbox_extra: String::new(),
             admin_port: free_port(),
+            admin_extra: String::new(),
         }
+    }
+
+    /// Appends `lines` to the `[admin]` section.
+    pub fn admin(mut self, lines: &str) -> Self {
+        self.admin_extra.push_str(lines);
+        self.admin_extra.push('\n');
+        self
     }
 
     /// Clients must log in.
@@ -813,8 +823,8 @@ impl RelayConfig {
             self.outbox_extra,
         );
         t.push_str(&format!(
-            "\n[admin]\nlisten = \"127.0.0.1:{}\"\n",
-            self.admin_port
+            "\n[admin]\nlisten = \"127.0.0.1:{}\"\n{}",
+            self.admin_port, self.admin_extra
         ));
         if let Some(url) = &self.uplink_url {
             t.push_str(&format!(
@@ -845,6 +855,41 @@ impl RelayConfig {
         }
         t
     }
+}
+
+/// Adds `name` with `password` to the users of the relay configured by `config_path`
+/// (`relaybox user add --password-stdin`).
+pub fn add_user(config_path: &Path, name: &str, password: &str) {
+    let mut child = Command::new(RELAY_BIN)
+        .args(["user", "add", name, "--password-stdin", "--config"])
+        .arg(config_path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn relaybox user add");
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin
+            .write_all(format!("{password}\n").as_bytes())
+            .expect("write password");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().expect("try_wait").is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("relaybox user add did not finish within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("user add output");
+    assert!(
+        out.status.success(),
+        "user add {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A TOML basic string.

@@ -340,6 +340,7 @@ async fn serve_admin(
             return;
         }
     };
+    tracker.spawn(reload_admin_tls(tls.clone(), shutdown.clone()));
     match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => {
             tracker.spawn(admin::serve_tls(
@@ -371,6 +372,30 @@ pub fn apply_reload(gate: &GateReload, path: &std::path::Path) {
             }
         }
         Err(error) => tracing::error!(%error, "config reload failed; keeping the rules in use"),
+    }
+}
+
+/// Re-reads the admin endpoint's certificate and key at every SIGHUP, until shutdown; on a
+/// failure the ones in use stay.
+async fn reload_admin_tls(tls: Arc<crate::gate::tls::Tls>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            hup = hangups.recv() => match hup {
+                Some(()) => match tls.reload() {
+                    Ok(()) => tracing::info!("reloaded the admin endpoint's TLS certificate"),
+                    Err(error) => tracing::error!(
+                        %error,
+                        "admin TLS reload failed; keeping the certificate in use"
+                    ),
+                },
+                None => return,
+            },
+        }
     }
 }
 

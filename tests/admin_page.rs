@@ -6,7 +6,7 @@
 //! - `/metrics` through promtool, the Prometheus reference parser and linter;
 //! - beyond the box (a network namespace of the test's own, the endpoint on a non-loopback
 //!   address): TLS only, no login → 401, a wrong password → 401, a user outside `admins` →
-//!   403, an admin → the page; the refusals counted.
+//!   403, an admin → the page; the refusals counted; SIGHUP takes a renewed certificate.
 //!
 //! Needs root (network namespace), node with `tests/browser/node_modules`, chromium and
 //! promtool: `scripts/test` installs them.
@@ -348,7 +348,23 @@ impl Drop for Netns {
     }
 }
 
-/// One HTTPS request inside the namespace: (status code, body).
+/// A TLS client that trusts `cert` alone.
+fn client_config(cert: &rcgen::Certificate) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone()).expect("trust the cert");
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+/// One HTTPS request inside the namespace: (status code, body), or (0, the error) when the
+/// TLS handshake fails.
 fn https_get(
     tls: Arc<rustls::ClientConfig>,
     port: u16,
@@ -368,11 +384,14 @@ fn https_get(
             base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
         )
     });
-    write!(
+    let sent = write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {OUTSIDE_IP}\r\n{auth}Connection: close\r\n\r\n"
-    )
-    .expect("send request");
+    );
+    // A refused handshake shows here: status 0 and the error.
+    if let Err(error) = sent {
+        return (0, error.to_string());
+    }
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
     let text = String::from_utf8_lossy(&answer).into_owned();
@@ -439,17 +458,7 @@ async fn beyond_the_box_the_page_needs_tls_and_an_admin_login() {
         relay_log()
     );
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert.der().clone()).expect("trust the cert");
-    let tls = Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth(),
-    );
+    let tls = client_config(&cert.cert);
     let answers = netns.run(move || {
         let get = |path: &str, login| https_get(tls.clone(), tls_port, path, login);
         let plain = {
@@ -473,9 +482,36 @@ async fn beyond_the_box_the_page_needs_tls_and_an_admin_login() {
         )
     });
     let (plain, none, wrong, unknown, not_admin, page, metrics) = answers;
+
+    // SIGHUP takes a new certificate.
+    let renewed = rcgen::generate_simple_self_signed(vec![OUTSIDE_IP.to_owned()]).expect("cert");
+    std::fs::write(&cert_path, renewed.cert.pem()).expect("cert file");
+    std::fs::write(&key_path, renewed.key_pair.serialize_pem()).expect("key file");
+    common::send_signal(&child, libc::SIGHUP);
+    let tls = client_config(&renewed.cert);
+    let renewed = netns.run(move || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = https_get(
+                tls.clone(),
+                tls_port,
+                "/status",
+                Some(("olga", "olga-admin-pw")),
+            );
+            match got {
+                (200, _) => return true,
+                _ if Instant::now() >= deadline => return false,
+                _ => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    });
     let _ = child.kill();
     let _ = child.wait();
     let log = relay_log();
+    assert!(
+        renewed,
+        "the renewed certificate was not taken on SIGHUP:\n{log}"
+    );
     assert!(
         !plain.contains("200 OK"),
         "plain HTTP got an answer: {plain}"

@@ -664,7 +664,11 @@ async fn the_admin_endpoint_speaks_http_1_1() {
     for (request, status, needle) in [
         ("GET /status", "200", "\"relay\": \"adm\""),
         ("GET /metrics", "200", "relaybox_outbox"),
-        ("GET /nothing", "404", "not here: try /, /status or /metrics"),
+        (
+            "GET /nothing",
+            "404",
+            "not here: try /, /status or /metrics",
+        ),
         ("POST /metrics", "405", ""),
     ] {
         conn.write_all(

@@ -69,8 +69,10 @@ function render(f) {
   $('backlog').dataset.value = String(o.messages);
   set('backlog-bytes', bytes(o.bytes));
   set('backlog-oldest', o.messages ? duration(o.oldest_age_s) : '–');
-  set('drain-rate', `${rate(f.drain_per_s)} messages/s`);
-  set('drain-time', o.messages === 0 ? 'empty' : f.time_to_drain_s == null ? 'not draining' : duration(f.time_to_drain_s));
+  const hubDown = s.uplink && !s.uplink.connected;
+  set('drain-rate', hubDown ? 'hub down' : `${rate(f.drain_per_s)} messages/s`);
+  set('drain-time', o.messages === 0 ? 'empty'
+    : hubDown || f.time_to_drain_s == null ? 'not draining' : duration(f.time_to_drain_s));
   set('dropped', num(o.dropped_oldest + o.dropped_age + o.refused + o.corrupt));
 
   const fl = s.flash;

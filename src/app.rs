@@ -138,7 +138,9 @@ pub async fn run_with(
         uplink_status = Some(status.clone());
         let client = uplink::connect(&settings, status.clone()).await?;
         if !config.import.is_empty() {
-            let publisher = LocalPublisher::new(&router, Origin::Hub);
+            // Retained messages from the hub are kept on flash, as a client's are.
+            let publisher = LocalPublisher::new(&router, Origin::Hub)
+                .keeping_retained(store.clone(), crate::proto::Origin::Hub);
             let down = DownlinkSettings {
                 relay: config.relay.name.clone(),
                 subject_prefix: u.subject_prefix.clone(),

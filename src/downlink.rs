@@ -10,7 +10,8 @@
 //! Each message is published into the local router through the broker's in-process link, which
 //! bypasses the gate: *architecture invariant:* nothing that came down is ever exported again.
 //! A message whose `Relaybox-Origin` is this relay (its own export coming back through an
-//! overlapping import) is skipped. A JetStream message is acknowledged after the router took it.
+//! overlapping import) is skipped. One with `Relaybox-Retain: true` (retained by its publisher
+//! at another relay) is kept as the topic's retained message here too. A JetStream message is acknowledged after the router took it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::local::LocalPublisher;
 use crate::config::UplinkMode;
 use crate::mapping::{self, TopicFilter};
-use crate::uplink::{self, ORIGIN_HEADER};
+use crate::uplink::{self, ORIGIN_HEADER, RETAIN_HEADER};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -219,10 +220,14 @@ impl Reader {
                 return Ok(());
             }
         };
+        // Retained where it was published (`Relaybox-Retain`), retained here too.
+        let retain = headers
+            .and_then(|h| h.get(RETAIN_HEADER))
+            .is_some_and(|v| v.as_str() == "true");
         self.publisher
             .lock()
             .await
-            .publish(&topic, payload, false)
+            .publish(&topic, payload, retain)
             .await
             .map_err(|e| DownlinkError::Local(e.to_string()))?;
         self.status.delivered.fetch_add(1, Ordering::Relaxed);

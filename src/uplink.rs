@@ -36,6 +36,9 @@ use std::path::PathBuf;
 
 /// The header naming the relay a message came from.
 pub const ORIGIN_HEADER: &str = "Relaybox-Origin";
+/// `true` on a message its publisher retained: a relay that imports it keeps it as the topic's
+/// retained message too.
+pub const RETAIN_HEADER: &str = "Relaybox-Retain";
 /// How long the hub may take to acknowledge a publish.
 const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stream created by the relay remembers message ids for de-duplication.
@@ -1053,6 +1056,9 @@ fn prepare(
     let mut headers = HeaderMap::new();
     if let Ok(origin) = HeaderValue::from_str(&s.relay) {
         headers.insert(ORIGIN_HEADER, origin);
+    }
+    if record.retain {
+        headers.insert(RETAIN_HEADER, "true");
     }
     for h in &record.headers {
         // User properties that cannot be NATS headers (':' or control characters in the

@@ -322,3 +322,70 @@ async fn imported_and_exported_topic_does_not_loop_or_echo() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_message_stays_retained_at_the_relays_that_import_it() {
+    let hub = NatsHub::start().await;
+    let a = Relay::start(
+        RelayConfig::new("ret-a")
+            .uplink(&hub.url())
+            .export("presence/#"),
+    )
+    .await;
+    let b = Relay::start(
+        RelayConfig::new("ret-b")
+            .uplink(&hub.url())
+            .import("presence/#"),
+    )
+    .await;
+    let probe = Subscriber::start(b.port(), "ret-b-probe", &["presence/#"]).await;
+    let probes = probe_until_live(
+        &hub,
+        &probe,
+        &format!("{PREFIX}.presence.probe"),
+        "presence/probe",
+        "probe",
+    )
+    .await;
+
+    // Retained at office A, and a plain message beside it.
+    common::publish_one_v5(a.port(), "alice", "presence/alice", "online", true, &[]).await;
+    common::publish_one_v5(a.port(), "alice", "presence/note", "plain", false, &[]).await;
+    let all = wait_stream_count(
+        &hub.url(),
+        STREAM,
+        probes as u64 + 2,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(all, probes as u64 + 2);
+    let stored = read_stream(&hub.url(), STREAM, Duration::from_secs(10)).await;
+    let header = |subject: &str| {
+        stored
+            .iter()
+            .find(|m| m.subject == format!("{PREFIX}.{subject}"))
+            .map(|m| m.header("Relaybox-Retain").map(str::to_owned))
+    };
+    assert_eq!(header("presence.alice"), Some(Some("true".to_owned())));
+    assert_eq!(header("presence.note"), Some(None));
+
+    // At office B, a subscriber that comes after it arrived gets it as the retained message; the
+    // plain one is not kept.
+    let came = common::wait_until(Duration::from_secs(10), || {
+        let got = probe.snapshot();
+        ["presence/alice", "presence/note"]
+            .iter()
+            .all(|t| got.iter().any(|(topic, _)| topic == t))
+    })
+    .await;
+    assert!(came, "not at B: {:?}", probe.snapshot());
+    let late = Subscriber::start(b.port(), "ret-b-late", &["presence/+"]).await;
+    late.wait_for(1, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = late.snapshot();
+    assert_eq!(
+        got,
+        vec![("presence/alice".to_owned(), b"online".to_vec())],
+        "retained at B: {got:?}"
+    );
+}

@@ -45,6 +45,8 @@ pub enum LocalError {
     },
     #[error("the session of local client {0:?} is held by another connection")]
     Busy(String),
+    #[error("cannot keep the retained message of {topic:?}: {reason}")]
+    Retain { topic: String, reason: StoreError },
 }
 
 /// Publishes into the router directly, at QoS 1, with a fixed origin ([`Origin::Hub`] for the
@@ -55,6 +57,9 @@ pub struct LocalPublisher {
     router: Router,
     origin: Origin,
     qos: u8,
+    /// Where retained messages are kept durably before they are routed (`None`: in the
+    /// router's memory only).
+    keep_retained: Option<(crate::store::Store, crate::proto::Origin)>,
 }
 
 impl LocalPublisher {
@@ -64,7 +69,20 @@ impl LocalPublisher {
             router: router.clone(),
             origin,
             qos: 1,
+            keep_retained: None,
         }
+    }
+
+    /// The same publisher keeping every retained message in `store` (as `origin`) before it is
+    /// routed, as the gate does for its clients': it survives a restart. For sources whose
+    /// retained messages come once (the hub), not for those that repeat them (a poll).
+    pub fn keeping_retained(
+        mut self,
+        store: crate::store::Store,
+        origin: crate::proto::Origin,
+    ) -> Self {
+        self.keep_retained = Some((store, origin));
+        self
     }
 
     /// The same publisher at `qos` (0 or 1): at QoS 0, subscribers get the messages at QoS 0
@@ -87,6 +105,28 @@ impl LocalPublisher {
             topic: topic.to_owned(),
             reason,
         })?;
+        if let (true, Some((store, origin))) = (retain, &self.keep_retained) {
+            let record = crate::proto::OutboxRecord {
+                topic: topic.to_owned(),
+                payload: payload.clone(),
+                qos: 1,
+                retain: true,
+                accepted_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                origin: *origin as i32,
+                source: String::new(),
+                headers: Vec::new(),
+            };
+            let kept = match store.retain(&record).await {
+                Ok(ticket) => ticket.durable().await.map(|_| ()),
+                Err(error) => Err(error),
+            };
+            kept.map_err(|reason| LocalError::Retain {
+                topic: topic.to_owned(),
+                reason,
+            })?;
+        }
         // QoS 1, as an MQTT client publishing what it must not lose: subscribers get it at
         // their subscription's QoS (up to 1), and returning waits until the deliveries to
         // persistent sessions are on flash (the downlink acknowledges the hub only then).

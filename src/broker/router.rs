@@ -295,8 +295,17 @@ struct SessionEntry {
 struct DelayedWill {
     at: Instant,
     session: SessionId,
+    client_id: Arc<str>,
     msg: Message,
 }
+
+/// What happens to a will before it is routed: `(client id, will)`. The gate keeps a retained
+/// will in the store and appends an exported one to the outbox, as for a PUBLISH.
+pub type WillKeeper = Arc<
+    dyn Fn(Arc<str>, Message) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + Sync,
+>;
 
 struct State {
     tree: Tree,
@@ -317,6 +326,7 @@ pub(super) struct RouterShared {
     queued_bytes: AtomicUsize,
     pub stats: RouterStats,
     started: Instant,
+    will_keeper: std::sync::OnceLock<WillKeeper>,
 }
 
 impl RouterShared {
@@ -403,11 +413,26 @@ impl Router {
             queued_bytes: AtomicUsize::new(0),
             stats: RouterStats::default(),
             started: Instant::now(),
+            will_keeper: std::sync::OnceLock::new(),
         }))
     }
 
     pub fn stats(&self) -> &RouterStats {
         &self.0.stats
+    }
+
+    /// Sets what happens to every will before it is routed (once; later calls are ignored).
+    pub fn keep_wills_with(&self, keeper: WillKeeper) {
+        let _ = self.0.will_keeper.set(keeper);
+    }
+
+    /// Publishes a will: kept first (see [`WillKeeper`]), then routed.
+    async fn publish_will(&self, client_id: Arc<str>, msg: Message) {
+        self.0.stats.wills_published.fetch_add(1, Ordering::Relaxed);
+        if let Some(keep) = self.0.will_keeper.get() {
+            keep(client_id, msg.clone()).await;
+        }
+        let _ = self.publish(msg).await;
     }
 
     pub fn started(&self) -> Instant {
@@ -634,6 +659,7 @@ impl Router {
                     st.wills.push(DelayedWill {
                         at: Instant::now() + Duration::from_secs(u64::from(delay)),
                         session: handle.id,
+                        client_id: handle.client_id.clone(),
                         msg,
                     });
                 }
@@ -689,8 +715,7 @@ impl Router {
             }
         }
         if let Some(msg) = publish_will {
-            self.0.stats.wills_published.fetch_add(1, Ordering::Relaxed);
-            let _ = self.publish(msg).await;
+            self.publish_will(handle.client_id.clone(), msg).await;
         }
     }
 
@@ -945,7 +970,8 @@ impl Router {
             let mut i = 0;
             while i < st.wills.len() {
                 if st.wills[i].at <= now {
-                    wills.push(st.wills.swap_remove(i).msg);
+                    let will = st.wills.swap_remove(i);
+                    wills.push((will.client_id, will.msg));
                 } else {
                     i += 1;
                 }
@@ -976,9 +1002,8 @@ impl Router {
                 let _ = store.entry_nowait(space, key, None).await;
             }
         }
-        for msg in wills {
-            self.0.stats.wills_published.fetch_add(1, Ordering::Relaxed);
-            let _ = self.publish(msg).await;
+        for (client_id, msg) in wills {
+            self.publish_will(client_id, msg).await;
         }
     }
 

@@ -36,9 +36,10 @@ use crate::broker::codec::{
     self, CodecError, Connect, Inbound, Outgoing, ServerProps, SubscribeFilter, Version,
 };
 use crate::broker::message::{Message, Origin, Properties};
-use crate::broker::router::{Delivery, Ending, Router, SessionHandle};
+use crate::broker::router::{Delivery, Ending, Router, SessionHandle, WillKeeper};
 use crate::broker::topic::{self, Filter};
 use crate::broker::tree::SubOptions;
+use crate::mapping::TopicFilter;
 use crate::proto::{Header, Origin as RecordOrigin, OutboxRecord};
 use crate::store::{Store, StoreError, Ticket};
 
@@ -1692,6 +1693,37 @@ impl Conn {
             )
             .await;
     }
+}
+
+/// What a will gets before it is routed, as a PUBLISH of its client would: a retained will is
+/// kept in the store (an empty one clears the topic's), and one whose topic matches an export
+/// rule is appended to the outbox, so that it reaches the hub and the other offices. Both are
+/// durable before the will is routed. A will the store refuses is still routed, and logged.
+pub(super) fn will_keeper(store: Store, exports: Vec<TopicFilter>) -> WillKeeper {
+    Arc::new(move |client_id: Arc<str>, msg: Message| {
+        let store = store.clone();
+        let exported = exports.iter().any(|f| f.matches(&msg.topic))
+            && crate::mapping::topic_to_subject("x", &msg.topic).is_ok();
+        Box::pin(async move {
+            let record = record_of(&msg, &client_id);
+            let mut tickets = Vec::new();
+            if msg.retain {
+                tickets.push(store.retain(&record).await);
+            }
+            if exported {
+                tickets.push(store.append(&record).await);
+            }
+            for ticket in tickets {
+                let kept = match ticket {
+                    Ok(ticket) => ticket.durable().await.map(|_| ()),
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = kept {
+                    tracing::warn!(%client_id, topic = %msg.topic, %error, "will not kept in the store");
+                }
+            }
+        })
+    })
 }
 
 /// The outbox record of a message (also the form a retained message is kept in).

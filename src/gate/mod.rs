@@ -156,6 +156,8 @@ impl Gate {
                 .map_err(|source| GateError::Bind { addr, source })?;
             listeners.push((transport, listener));
         }
+        // Wills are kept (retained, exported) like the PUBLISHes of their clients.
+        router.keep_wills_with(client::will_keeper(store.clone(), settings.exports.clone()));
         let auth = auth::Auth::new(
             users,
             settings.allow_anonymous,

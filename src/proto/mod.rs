@@ -12,6 +12,7 @@ pub enum Origin {
     Mqtt = 1,
     Serial = 2,
     Modbus = 3,
+    Hub = 4,
 }
 
 /// `relaybox.v1.Header`

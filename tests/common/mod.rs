@@ -219,6 +219,11 @@ pub struct NatsHub {
 }
 
 impl NatsHub {
+    /// Where the server keeps its JetStream store (and its log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Starts a hub on a fresh port.
     pub async fn start() -> NatsHub {
         NatsHub::start_on(free_port()).await

@@ -13,14 +13,16 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream as StdTcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::browser::{artefacts, Browser};
+use common::netns::Netns;
 use common::{
     add_user, admin_get, free_port, tail, wait_stream_count, wait_until, NatsHub, Relay,
     RelayConfig, RELAY_BIN, STREAM,
@@ -28,96 +30,6 @@ use common::{
 
 /// How long the browser may take to reach one stage.
 const STAGE: Duration = Duration::from_secs(90);
-
-fn artefacts(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target")
-        .join("test-artefacts")
-        .join(name);
-    std::fs::create_dir_all(&dir).expect("artefact dir");
-    dir
-}
-
-/// The lines the browser script prints, as they come.
-struct Browser {
-    child: std::process::Child,
-    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
-    seen: Vec<String>,
-}
-
-impl Browser {
-    fn start(url: &str, relay: &str, client_id: &str, artefacts: &Path) -> Browser {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-        assert!(
-            dir.join("node_modules/playwright-core").is_dir(),
-            "tests/browser/node_modules is missing: run `npm ci --prefix tests/browser` \
-             (scripts/test does)"
-        );
-        let mut child = Command::new("node")
-            .arg(dir.join("admin_page.mjs"))
-            .args([url, relay, client_id])
-            .arg(artefacts)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn node (scripts/test installs it)");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Browser {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for the line that starts with `stage`; panics on a failure line or a timeout.
-    async fn reached(&mut self, stage: &str) -> String {
-        let deadline = tokio::time::Instant::now() + STAGE;
-        loop {
-            let line = tokio::time::timeout_at(deadline, self.lines.recv()).await;
-            match line {
-                Ok(Some(line)) => {
-                    self.seen.push(line.clone());
-                    assert!(
-                        !line.starts_with("FAIL"),
-                        "the browser: {line}\nall it said: {:#?}",
-                        self.seen
-                    );
-                    if line.starts_with(stage) {
-                        return line;
-                    }
-                }
-                Ok(None) => {
-                    // The script ended: its failures are what it printed last.
-                    let _ = self.child.wait();
-                    panic!(
-                        "the browser ended before {stage:?}; it said: {:#?}",
-                        self.seen
-                    );
-                }
-                Err(_) => panic!(
-                    "the browser did not reach {stage:?} within {STAGE:?}; it said: {:#?}",
-                    self.seen
-                ),
-            }
-        }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_in_chromium_follows_the_hub_link_and_the_backlog() {
@@ -138,7 +50,9 @@ async fn the_page_in_chromium_follows_the_hub_link_and_the_backlog() {
     let sensor = tokio::spawn(sensor(relay.port(), CLIENT, stop.clone(), sent.clone()));
 
     let shots = artefacts("admin-page");
-    let mut browser = Browser::start(&format!("http://127.0.0.1:{admin}/"), NAME, CLIENT, &shots);
+    let url = format!("http://127.0.0.1:{admin}/");
+    let shots_arg = shots.display().to_string();
+    let mut browser = Browser::start("admin_page.mjs", &[&url, NAME, CLIENT, &shots_arg], STAGE);
     browser.reached("shown").await;
     browser.reached("client").await;
     hub.kill();
@@ -150,12 +64,7 @@ async fn the_page_in_chromium_follows_the_hub_link_and_the_backlog() {
     browser.reached("up").await;
     browser.reached("drained").await;
     browser.reached("ok").await;
-    let status = tokio::task::block_in_place(|| browser.child.wait()).expect("node exit");
-    assert!(
-        status.success(),
-        "the browser script failed: {:#?}",
-        browser.seen
-    );
+    browser.finished();
 
     // What the page showed was so: every message the sensor had acknowledged reached the hub.
     let sent = sent.load(Ordering::Relaxed);
@@ -293,62 +202,6 @@ fn promtool() -> String {
 /// The address the endpoint is served on inside the test's network namespace.
 const OUTSIDE_IP: &str = "10.251.0.1";
 
-/// A network namespace of the test's own, with its loopback up and `OUTSIDE_IP` on it.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!("rbx-admin-{}", std::process::id());
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().expect("run ip");
-            assert!(
-                out.status.success(),
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n",
-            &name,
-            "addr",
-            "add",
-            &format!("{OUTSIDE_IP}/32"),
-            "dev",
-            "lo",
-        ]);
-        Netns { name }
-    }
-
-    /// Runs `f` on a thread inside the namespace (sockets it makes are the namespace's).
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let ns = std::fs::File::open(&path).expect("open the namespace");
-            // SAFETY: a valid descriptor of a network namespace; this thread alone moves.
-            let entered = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("thread in the namespace")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
 /// A TLS client that trusts `cert` alone.
 fn client_config(cert: &rcgen::Certificate) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
@@ -410,7 +263,9 @@ fn https_get(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn beyond_the_box_the_page_needs_tls_and_an_admin_login() {
-    let netns = Netns::new();
+    // A host of the test's own with a non-loopback address.
+    let netns = Netns::new("rbx-admin");
+    netns.ip(&["addr", "add", &format!("{OUTSIDE_IP}/32"), "dev", "lo"]);
     let cert = rcgen::generate_simple_self_signed(vec![OUTSIDE_IP.to_owned()]).expect("cert");
     let dir = tempfile::tempdir().expect("dir");
     let (cert_path, key_path) = (dir.path().join("admin.crt"), dir.path().join("admin.key"));

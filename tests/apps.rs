@@ -17,55 +17,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::browser::{artefacts, Browser};
+use common::netns::Netns;
 use common::{add_user, stream_consumers, toml_str, NatsHub, Relay, RelayConfig};
 
 const STAGE: Duration = Duration::from_secs(120);
 const HELLO: &str = "the boiler in room 4 is leaking again";
 const AWAY: &str = "plumber booked for tuesday at nine";
 const RESTART: &str = "the spare key is with the caretaker";
-
-/// A network namespace of the test's own, removed on drop: its loopback, and a veth pair with
-/// both ends inside (10.77.0.1 and .2, the default route on the first) so that WebRTC finds
-/// an interface to gather candidates on. Nothing in it reaches outside.
-struct Netns(String);
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!("rbx-apps-{}", std::process::id());
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().expect("run ip");
-            assert!(
-                out.status.success(),
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n", &name, "link", "add", "v0", "type", "veth", "peer", "name", "v1",
-        ]);
-        for (dev, addr) in [("v0", "10.77.0.1/24"), ("v1", "10.77.0.2/24")] {
-            ip(&["-n", &name, "addr", "add", addr, "dev", dev]);
-            ip(&["-n", &name, "link", "set", dev, "up"]);
-        }
-        ip(&["-n", &name, "route", "add", "default", "dev", "v0"]);
-        Netns(name)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
-    }
-}
 
 /// Every file under `dir` that holds `needle`.
 fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
@@ -91,25 +53,24 @@ fn files_holding(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 
 #[test]
 fn office_chat_across_two_relays_and_a_hub() {
-    let netns = Netns::new();
-    let path = format!("/var/run/netns/{}", netns.0);
-    // The whole test runs on a thread inside the namespace: the runtime's threads, and every
-    // process they start, are in it too.
-    std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let ns = std::fs::File::open(&path).expect("open the namespace");
-        // SAFETY: a valid descriptor of a network namespace; only this thread moves.
-        let entered = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+    // Both ends of a veth pair inside (10.77.0.1 and .2, the default route on the first), so
+    // that WebRTC finds an interface to gather candidates on.
+    let netns = Netns::new("rbx-apps");
+    netns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+    for (dev, addr) in [("v0", "10.77.0.1/24"), ("v1", "10.77.0.2/24")] {
+        netns.ip(&["addr", "add", addr, "dev", dev]);
+        netns.ip(&["link", "set", dev, "up"]);
+    }
+    netns.ip(&["route", "add", "default", "dev", "v0"]);
+    // The whole test runs inside: the runtime's threads, and every process they start.
+    netns.run(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime")
             .block_on(office_chat());
-    })
-    .join()
-    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    });
 }
 
 async fn office_chat() {
@@ -166,16 +127,7 @@ async fn office_chat() {
     };
     assert!(ready >= 12, "{ready} hub consumers of 12");
 
-    let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artefacts/office-chat");
-    for dir in ["tests/browser", "examples/office-chat"] {
-        assert!(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join(dir)
-                .join("node_modules")
-                .is_dir(),
-            "{dir}/node_modules is missing: run `npm ci --prefix {dir}` (scripts/test does)"
-        );
-    }
+    let shots = artefacts("office-chat");
     let config = serde_json::json!({
         "relayA": format!("wss://127.0.0.1:{wss_a}/mqtt"),
         "relayB": format!("wss://127.0.0.1:{wss_b}/mqtt"),
@@ -185,54 +137,12 @@ async fn office_chat() {
         "restart": RESTART,
         "artefacts": shots,
     });
-    let mut node = Command::new("node")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/office_chat.mjs"))
-        .arg(config.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn node");
-    let mut to_node = node.stdin.take().expect("stdin");
-    let (tx, mut from_node) = tokio::sync::mpsc::unbounded_channel::<String>();
-    let stdout = node.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    let mut seen: Vec<String> = Vec::new();
-    let mut reached = async |stage: &str| loop {
-        let line = tokio::time::timeout(STAGE, from_node.recv()).await;
-        match line {
-            Ok(Some(line)) => {
-                seen.push(line.clone());
-                if line.starts_with("FAIL") {
-                    // The rest of what it says (its other failures) comes at once.
-                    while let Ok(Some(more)) =
-                        tokio::time::timeout(Duration::from_secs(5), from_node.recv()).await
-                    {
-                        seen.push(more);
-                    }
-                    panic!("the browser failed at {stage:?}; it said: {seen:#?}");
-                }
-                if line == stage {
-                    return;
-                }
-            }
-            Ok(None) => panic!("the browser ended before {stage:?}; it said: {seen:#?}"),
-            Err(_) => {
-                panic!("the browser did not reach {stage:?} in {STAGE:?}; it said: {seen:#?}")
-            }
-        }
-    };
-    reached("delivered").await;
-    reached("refused").await;
-    reached("bob away").await;
-    reached("caught up").await;
-    reached("wait-restart").await;
+    let mut browser = Browser::start("office_chat.mjs", &[&config.to_string()], STAGE);
+    browser.reached("delivered").await;
+    browser.reached("refused").await;
+    browser.reached("bob away").await;
+    browser.reached("caught up").await;
+    browser.reached("wait-restart").await;
     // Bob's session at B holds the message (on flash) before B's relay is killed.
     let mut held = false;
     for _ in 0..100 {
@@ -254,12 +164,11 @@ async fn office_chat() {
     assert_eq!(status["mqtt"]["denied_subscriptions"], 1, "{status}");
     b.sigkill().await;
     b.restart().await;
-    writeln!(to_node, "restarted").expect("tell the browser");
-    reached("caught up after the restart").await;
-    reached("call").await;
-    reached("ok").await;
-    let status = node.wait().expect("node");
-    assert!(status.success(), "the browser: {seen:#?}");
+    browser.tell("restarted");
+    browser.reached("caught up after the restart").await;
+    browser.reached("call").await;
+    browser.reached("ok").await;
+    browser.finished();
 
     // The relays carried only ciphertext.
     for secret in [HELLO, AWAY, RESTART] {

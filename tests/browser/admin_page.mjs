@@ -9,7 +9,7 @@
 // hub-down.png), "up" (the hub up again), "drained" (backlog 0; screenshot page.png and
 // phone.png). Then "requests N" (every request the page made went to the relay) and "ok".
 // Any script error, console error, or request to another origin: "FAIL …" and exit 1.
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -21,14 +21,7 @@ const origin = new URL(url).origin;
 const problems = [];
 const requests = [];
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: [
-    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    '--disable-dev-shm-usage',
-  ],
-});
+const browser = await launch();
 let code = 0;
 try {
   const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });

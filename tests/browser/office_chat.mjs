@@ -8,7 +8,7 @@
 //                 "hello": "…", "away": "…", "restart": "…", "artefacts": "dir"}
 //
 // Any script error, console error, or request to anywhere but 127.0.0.1: "FAIL …", exit 1.
-import { chromium } from 'playwright-core';
+import { launch } from './chromium.mjs';
 import { createServer } from 'node:http';
 import { mkdirSync, readFileSync, statSync } from 'node:fs';
 import { join, extname, resolve, sep } from 'node:path';
@@ -41,19 +41,13 @@ const say = (line) => console.log(line);
 const input = createInterface({ input: process.stdin });
 const lines = input[Symbol.asyncIterator]();
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM ?? '/usr/bin/chromium',
-  args: [
-    '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-    '--disable-background-networking', '--disable-component-update', '--disable-sync',
-    '--disable-dev-shm-usage',
-    // The relays' certificate is the test's own.
-    '--ignore-certificate-errors',
-    // The test's network namespace has only loopback: let WebRTC use it, with plain addresses.
-    '--allow-loopback-in-peer-connection',
-    '--disable-features=WebRtcHideLocalIpsWithMdns',
-  ],
-});
+const browser = await launch([
+  // The relays' certificate is the test's own.
+  '--ignore-certificate-errors',
+  // WebRTC candidates with plain addresses (no mDNS names), loopback allowed.
+  '--allow-loopback-in-peer-connection',
+  '--disable-features=WebRtcHideLocalIpsWithMdns',
+]);
 
 const open = new Set();
 

@@ -7,7 +7,9 @@
 // Each test binary uses a different subset of the helpers.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod modbus_sim;
+pub mod netns;
 pub mod proxy;
 pub mod pty;
 

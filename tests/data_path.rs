@@ -156,6 +156,8 @@ async fn subjects_are_mapped_and_unexported_topics_stay_local() {
     )
     .await;
     let sub = Subscriber::start(relay.port(), "map-sub", &["sensors/#", "local/#"]).await;
+    // The order checked below is the live order: publish once the hub link is up.
+    common::wait_hub_link(relay.cfg.admin_port, Duration::from_secs(10)).await;
 
     // (topic, payload, subject in the hub or None when it must not reach the hub)
     let sends: &[(&str, &str, Option<&str>)] = &[

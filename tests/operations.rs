@@ -165,14 +165,7 @@ async fn backlog_scenario(name: &str, drain_rate: Option<&str>) -> (Vec<u64>, Ve
     hub.restart().await;
     // Live traffic is what is published while the link is up: what the relay accepts before
     // it has reconnected is backlog.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while admin_status(admin).await["uplink"]["connected"] != true {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "relay reconnects to the hub"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_hub_link(admin, Duration::from_secs(10)).await;
     live_traffic(relay.port(), "busy", "sensors/live", LIVE, 20).await;
 
     let total = (40 + CLIENTS * PER_CLIENT + LIVE) as u64;

@@ -130,6 +130,19 @@ pub async fn admin_status(port: u16) -> serde_json::Value {
     serde_json::from_str(&admin_get(port, "/status").await).expect("status is JSON")
 }
 
+/// Waits until the relay's hub link is up (what it accepts from then on is live, sent in the
+/// order it came; what it accepted before is backlog); panics after `timeout`.
+pub async fn wait_hub_link(admin_port: u16, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while admin_status(admin_port).await["uplink"]["connected"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "the relay's hub link is not up within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits until the relay's outbox is empty (the hub acknowledged everything it accepted) and
 /// returns that `/status`; panics with the last status after `timeout`.
 pub async fn wait_outbox_empty(admin_port: u16, timeout: Duration) -> serde_json::Value {

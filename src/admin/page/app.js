@@ -79,7 +79,7 @@ function render(f) {
   set('per-day', `${bytes(fl.bytes_per_day)}/day`);
   set('per-commit', fl.bytes_per_commit ? `${Math.round(fl.bytes_per_commit).toLocaleString('en')} B` : '–');
   set('free', fl.total_bytes ? `${bytes(fl.free_bytes)} of ${bytes(fl.total_bytes)}` : '–');
-  set('files', `${o.segments} segments + ${o.spare_segments} spare, ${bytes(o.file_bytes)}`);
+  set('files', `${o.segments} segment${o.segments === 1 ? '' : 's'} + ${o.spare_segments} spare, ${bytes(o.file_bytes)}`);
   set('retained', `${num(o.retained_messages)} messages, ${bytes(o.retained_bytes)}`);
   set('memory', `${bytes(s.memory.rss_bytes)} (peak ${bytes(s.memory.peak_rss_bytes)})`);
 

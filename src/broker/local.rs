@@ -122,10 +122,20 @@ impl LocalPublisher {
                 Ok(ticket) => ticket.durable().await.map(|_| ()),
                 Err(error) => Err(error),
             };
-            kept.map_err(|reason| LocalError::Retain {
-                topic: topic.to_owned(),
-                reason,
-            })?;
+            match kept {
+                Ok(()) => {}
+                // Over `max_retained_bytes` it will not fit however often it is tried: it is
+                // routed (and retained in memory) but not kept across a restart.
+                Err(reason @ StoreError::RetainedFull { .. }) => {
+                    tracing::warn!(%topic, %reason, "retained message not kept on flash");
+                }
+                Err(reason) => {
+                    return Err(LocalError::Retain {
+                        topic: topic.to_owned(),
+                        reason,
+                    })
+                }
+            }
         }
         // QoS 1, as an MQTT client publishing what it must not lose: subscribers get it at
         // their subscription's QoS (up to 1), and returning waits until the deliveries to

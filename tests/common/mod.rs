@@ -50,8 +50,11 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 // Ports
 // ---------------------------------------------------------------------------------------------
 
-/// A TCP port on 127.0.0.1 that was free a moment ago and that this process has not handed out
-/// before (tests in one binary run in parallel, so the same port must not be given twice).
+/// A TCP port on 127.0.0.1 that was free a moment ago and that no other test process and no
+/// other test of this one has been given: `scripts/test` runs many test processes side by side
+/// (cargo-nextest), and tests in one process run in parallel. Each port handed out is reserved
+/// by an exclusive lock on a file named after it (see [`reserve_port`]), held until the process
+/// ends; the kernel lets the lock go when the process dies, however it dies.
 ///
 /// The port comes from below the kernel's ephemeral range. Ports the kernel picks by itself —
 /// for a listener on port 0 (a relay's internal broker servers) or as the source port of an
@@ -71,15 +74,52 @@ pub fn free_port() -> u16 {
     let span = ephemeral_low - LOWEST;
     let next = NEXT.get_or_init(|| Mutex::new(std::process::id() * 7_919 % span));
     let mut next = next.lock().expect("port cursor");
-    for _ in 0..2_000 {
+    for _ in 0..4_000 {
         let port = LOWEST + *next % span;
         *next = (*next + 1) % span;
         let port = u16::try_from(port).expect("ports below the ephemeral range fit in u16");
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if reserve_port(port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free port below {ephemeral_low} found in 2000 attempts");
+    panic!("no free port below {ephemeral_low} found in 4000 attempts");
+}
+
+/// Reserves `port` for this process: false when another process (or this one, earlier) holds
+/// it. The lock files live in the system's temporary directory and are never removed: an
+/// empty file per port ever used, and a lock only while its process lives.
+fn reserve_port(port: u16) -> bool {
+    static HELD: Mutex<Vec<File>> = Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("relaybox-test-ports");
+    if let Err(e) = fs::create_dir_all(&dir) {
+        panic!(
+            "cannot make the port reservations' folder {}: {e}",
+            dir.display()
+        );
+    }
+    let path = dir.join(port.to_string());
+    let file = match File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+    {
+        Ok(file) => file,
+        Err(e) => panic!("cannot open the port reservation {}: {e}", path.display()),
+    };
+    // flock(2): the lock belongs to this open file, so the same process opening the file again
+    // is refused too, and it ends with the process.
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        HELD.lock().expect("held port reservations").push(file);
+        return true;
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return false;
+    }
+    panic!("cannot lock the port reservation {}: {e}", path.display())
 }
 
 /// The path of the project's Python with the pinned test packages (paho-mqtt, pymodbus),

@@ -858,6 +858,14 @@ async fn relaybox_metrics(port: u16) -> Result<String> {
     if let Some(l) = value("relaybox_uplink_puback_latency_seconds_avg") {
         out.push_str(&format!(" hub PubAck latency avg {:.2} ms;", l * 1e3));
     }
+    if let Some(b) = value("relaybox_uplink_batched") {
+        let path = if b > 0.0 {
+            "fast-ingest batches"
+        } else {
+            "one message at a time"
+        };
+        out.push_str(&format!(" uplink: {path};"));
+    }
     Ok(out.trim_end_matches(';').to_owned())
 }
 

@@ -206,6 +206,9 @@ pub struct UplinkState {
     pub published: u64,
     pub acknowledged: u64,
     pub duplicates: u64,
+    /// Whether the uplink publishes in fast-ingest batches (else one message at a time).
+    #[serde(default)]
+    pub batched: bool,
     pub failures: u64,
     /// Errors the hub answered with, by kind (`no_stream`, `limits`, `permissions`, `timeout`,
     /// `other`).
@@ -391,6 +394,7 @@ impl Sources {
                     published: load(&u.published),
                     acknowledged: load(&u.acknowledged),
                     duplicates: load(&u.duplicates),
+                    batched: u.batched.load(std::sync::atomic::Ordering::Relaxed),
                     failures: load(&u.failures),
                     hub_errors: crate::uplink::HubTrouble::ALL
                         .iter()
@@ -906,8 +910,14 @@ fn figures(s: &Status, metric: &mut impl FnMut(&str, &str, &str, &[(Labels, f64)
         metric(
             "uplink_duplicates_total",
             "counter",
-            "Publishes the hub already had.",
+            "Per-message publishes the hub already had (inside fast-ingest batches the hub drops them without saying).",
             &[(vec![], f(u.duplicates))],
+        );
+        metric(
+            "uplink_batched",
+            "gauge",
+            "1 while the uplink publishes in fast-ingest batches, 0 while one message at a time.",
+            &[(vec![], f64::from(u8::from(u.batched)))],
         );
         metric(
             "uplink_failures_total",

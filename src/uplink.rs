@@ -28,6 +28,8 @@ use futures::stream::FuturesOrdered;
 use futures::{Future, StreamExt};
 use tokio_util::sync::CancellationToken;
 
+mod batch;
+
 use crate::config::{Secret, UplinkMode};
 use crate::liveness::Heartbeat;
 use crate::mapping;
@@ -91,6 +93,10 @@ pub enum UplinkError {
     Credentials { path: PathBuf, reason: String },
     #[error("the hub connection was lost")]
     Disconnected,
+    /// The hub takes one message at a time (no fast-ingest batches): not a failure. `rewind`:
+    /// what the batch pump read was not stored, and is read again.
+    #[error("the hub does not take fast-ingest batches")]
+    NotBatched { rewind: bool },
     #[error("flushing to the hub failed: {0}")]
     Flush(String),
     #[error(transparent)]
@@ -137,6 +143,10 @@ pub struct UplinkStatus {
     pub published: AtomicU64,
     pub acknowledged: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Whether the uplink publishes in fast-ingest batches (else one message at a time).
+    pub batched: AtomicBool,
+    /// Whether the reason for publishing one message at a time was logged (it is said once).
+    told_single: AtomicBool,
     pub failures: AtomicU64,
     pub unmappable: AtomicU64,
     /// Sum and count of PubAck round trips, in microseconds, and the last one.
@@ -447,8 +457,12 @@ pub async fn run_with_heartbeat(
     let mut in_process_streak = 0u32;
     // Acknowledged records not yet deleted; kept here so that a shutdown deletes them too.
     let mut acked: Vec<u64> = Vec::with_capacity(DELETE_BATCH);
+    // Whether to try fast-ingest batches: each pump run tries them first, unless the last
+    // one learnt that the hub takes one message at a time.
+    let try_batches = AtomicBool::new(true);
     loop {
         let acked = &mut acked;
+        let try_batches = &try_batches;
         let mut link = status.link.subscribe();
         let attempt = async {
             // Nothing is sent while the hub is away: what is accepted meanwhile is backlog.
@@ -471,7 +485,24 @@ pub async fn run_with_heartbeat(
             }
             match settings.mode {
                 UplinkMode::Jetstream => {
-                    pump_jetstream(&settings, &js, &store, &status, acked, connected_at).await
+                    let new_cursors = || Cursors::new(&store, settings.drain_rate, connected_at);
+                    let mut cursors = new_cursors().await?;
+                    if try_batches.load(Ordering::Relaxed) {
+                        let result =
+                            batch::pump(&settings, &client, &store, &status, acked, &mut cursors)
+                                .await;
+                        let Err(UplinkError::NotBatched { rewind }) = result else {
+                            return result;
+                        };
+                        // The same run goes on one message at a time, from where the batch
+                        // pump stopped (or from the start, when nothing it sent was stored).
+                        try_batches.store(false, Ordering::Relaxed);
+                        if rewind {
+                            cursors = new_cursors().await?;
+                        }
+                    }
+                    status.batched.store(false, Ordering::Relaxed);
+                    pump_jetstream(&settings, &js, &store, &status, acked, &mut cursors).await
                 }
                 UplinkMode::Core => {
                     pump_core(&settings, &client, &store, &status, connected_at).await
@@ -482,6 +513,9 @@ pub async fn run_with_heartbeat(
             _ = shutdown.cancelled() => break,
             r = heartbeat.beat_while(attempt) => r,
         };
+        // After a run ends, the next one asks the hub again whether it takes batches (it may
+        // have been upgraded, or its stream made again with other settings).
+        try_batches.store(true, Ordering::Relaxed);
         if let Err(UplinkError::Disconnected) = result {
             // Logged by the connection's event handler; the next attempt waits for the hub.
             continue;
@@ -604,6 +638,8 @@ pub async fn ensure_stream(
         duplicate_window: DUPLICATE_WINDOW,
         storage: stream::StorageType::File,
         num_replicas: replicas,
+        // Fast-ingest batches (nats-server 2.14 and later; older servers ignore it).
+        allow_batch_publish: true,
         ..Default::default()
     };
     let mut stream =
@@ -862,10 +898,9 @@ async fn pump_jetstream(
     store: &Store,
     status: &UplinkStatus,
     acked: &mut Vec<u64>,
-    connected_at: u64,
+    cursors: &mut Cursors,
 ) -> Result<(), UplinkError> {
     let mut link = status.link.subscribe();
-    let mut cursors = Cursors::new(store, s.drain_rate, connected_at).await?;
     let mut inflight: FuturesOrdered<AckFuture> = FuturesOrdered::new();
     let mut inflight_backlog = 0usize;
     let mut first_acked = tokio::time::Instant::now();
@@ -970,7 +1005,6 @@ async fn pump_jetstream(
 
 /// The uplink error for a publish the hub did not acknowledge.
 fn publish_error(s: &UplinkSettings, e: &jetstream::context::PublishError) -> UplinkError {
-    use jetstream::ErrorCode;
     match e.kind() {
         PublishErrorKind::StreamNotFound => {
             return UplinkError::NoStream {
@@ -980,20 +1014,30 @@ fn publish_error(s: &UplinkSettings, e: &jetstream::context::PublishError) -> Up
         PublishErrorKind::TimedOut => return UplinkError::TimedOut,
         _ => {}
     }
-    let hub = std::error::Error::source(e).and_then(|s| s.downcast_ref::<jetstream::Error>());
-    match hub.map(jetstream::Error::error_code) {
-        Some(
-            ErrorCode::ACCOUNT_RESOURCES_EXCEEDED
-            | ErrorCode::INSUFFICIENT_RESOURCES
-            | ErrorCode::MEMORY_RESOURCES_EXCEEDED
-            | ErrorCode::STORAGE_RESOURCES_EXCEEDED
-            | ErrorCode::STREAM_STORE_FAILED
-            | ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM,
-        ) => UplinkError::Rejected {
-            reason: hub.map_or_else(|| e.to_string(), ToString::to_string),
+    match std::error::Error::source(e).and_then(|s| s.downcast_ref::<jetstream::Error>()) {
+        Some(hub) => match hub_code_error(s, hub.error_code(), hub.to_string()) {
+            UplinkError::Publish(_) => UplinkError::Publish(e.to_string()),
+            other => other,
         },
-        Some(ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT) => UplinkError::InProcess,
-        _ => UplinkError::Publish(e.to_string()),
+        None => UplinkError::Publish(e.to_string()),
+    }
+}
+
+/// The uplink error for a JetStream error code the hub answered a publish with.
+fn hub_code_error(s: &UplinkSettings, code: jetstream::ErrorCode, text: String) -> UplinkError {
+    use jetstream::ErrorCode;
+    match code {
+        ErrorCode::ACCOUNT_RESOURCES_EXCEEDED
+        | ErrorCode::INSUFFICIENT_RESOURCES
+        | ErrorCode::MEMORY_RESOURCES_EXCEEDED
+        | ErrorCode::STORAGE_RESOURCES_EXCEEDED
+        | ErrorCode::STREAM_STORE_FAILED
+        | ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM => UplinkError::Rejected { reason: text },
+        ErrorCode::STREAM_DUPLICATE_MESSAGE_CONFLICT => UplinkError::InProcess,
+        ErrorCode::STREAM_NOT_FOUND => UplinkError::NoStream {
+            subject: format!("{}.>", s.subject_prefix),
+        },
+        _ => UplinkError::Publish(text),
     }
 }
 

@@ -253,3 +253,94 @@ async fn mqtt5_user_properties_become_hub_headers() {
     assert_eq!(m.header("unit"), Some("C"), "headers {:?}", m.headers);
     assert_eq!(m.header("Relaybox-Origin"), Some("props1"));
 }
+
+/// The hub's nats-server version as (major, minor).
+async fn hub_version(url: &str) -> (u64, u64) {
+    let client = common::connect(url).await;
+    let version = client.server_info().version;
+    let mut parts = version.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// Publishes `n` messages to `sensors/<tag>` and checks that the hub holds each exactly once, in
+/// order, that they left the outbox, and which path the uplink took.
+async fn through(relay: &Relay, hub: &NatsHub, tag: &str, n: usize, batched: bool) {
+    let data: Vec<Vec<u8>> = (0..n).map(|i| format!("{tag}:{i}").into_bytes()).collect();
+    publish_all_v4(
+        relay.port(),
+        &format!("{tag}-pub"),
+        &format!("sensors/{tag}"),
+        data,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_stream_count(&hub.url(), STREAM, n as u64, Duration::from_secs(60)).await;
+    let status = common::wait_outbox_empty(relay.cfg.admin_port, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let msgs = read_stream(&hub.url(), STREAM, Duration::from_secs(30)).await;
+    let got: Vec<String> = msgs.iter().map(HubMsg::payload_str).collect();
+    let want: Vec<String> = (0..n).map(|i| format!("{tag}:{i}")).collect();
+    assert_eq!(got.len(), want.len(), "messages in the hub stream");
+    assert!(
+        got == want,
+        "the hub stream holds other messages, or in another order"
+    );
+    assert_eq!(
+        status["uplink"]["batched"].as_bool(),
+        Some(batched),
+        "uplink path (batched: {batched}); status: {status}"
+    );
+    let acknowledged = status["uplink"]["acknowledged"].as_u64().unwrap_or(0);
+    assert!(
+        acknowledged >= n as u64,
+        "acknowledged {acknowledged} of {n}"
+    );
+    let metrics = common::admin_get(relay.cfg.admin_port, "/metrics").await;
+    let gauge = format!("relaybox_uplink_batched {}", u8::from(batched));
+    assert!(metrics.contains(&gauge), "no {gauge:?} in /metrics");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uplink_batches_where_the_hub_allows_it_and_sends_singly_where_not() {
+    // A stream the relay makes allows fast-ingest batches, which hubs from nats-server 2.14
+    // take; an older hub stores the first message as a plain publish and the relay goes on one
+    // message at a time.
+    let hub = NatsHub::start().await;
+    let knows_batches = hub_version(&hub.url()).await >= (2, 14);
+    let relay = Relay::start(
+        RelayConfig::new("fi1")
+            .uplink(&hub.url())
+            .export("sensors/#"),
+    )
+    .await;
+    common::wait_hub_link(relay.cfg.admin_port, Duration::from_secs(10)).await;
+    through(&relay, &hub, "made", 3_000, knows_batches).await;
+    if !knows_batches {
+        assert_eq!(
+            relay.log_count("does not take fast-ingest batches"),
+            1,
+            "said once; log:\n{}",
+            relay.log()
+        );
+    }
+    drop(relay);
+    drop(hub);
+
+    // A stream the hub's administrators made without `allow_batched`: the first message is
+    // refused (and nothing stored), and the relay sends one message at a time.
+    let hub = NatsHub::start().await;
+    hub.create_stream().await;
+    let mut cfg = RelayConfig::new("fi2")
+        .uplink(&hub.url())
+        .export("sensors/#");
+    cfg.create_stream = false;
+    let relay = Relay::start(cfg).await;
+    common::wait_hub_link(relay.cfg.admin_port, Duration::from_secs(10)).await;
+    through(&relay, &hub, "given", 1_000, false).await;
+    let said = if knows_batches {
+        "does not allow batched publishes"
+    } else {
+        "does not take fast-ingest batches"
+    };
+    assert_eq!(relay.log_count(said), 1, "said once; log:\n{}", relay.log());
+}

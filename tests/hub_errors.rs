@@ -94,6 +94,9 @@ async fn a_stream_deleted_under_the_relay_is_made_again() {
     wait_stream_exists(&hub.url(), STREAM, WAIT).await;
     publish_all_v4(relay.port(), "a", "sensors/a", payloads("a", 200, 32), WAIT).await;
     wait_stream_count(&hub.url(), STREAM, 200, WAIT).await;
+    // The hub has told the relay it stored them (they left the outbox): only what it was not
+    // told about yet could be sent again into the new stream.
+    wait_outbox_empty(admin, WAIT).await;
 
     hub.jetstream()
         .await

@@ -1179,6 +1179,10 @@ impl Relay {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if port_open(port) {
+                // The admin endpoint is bound a moment after the MQTT listener: tests read
+                // it right away. (A relay whose admin listener cannot be had still serves.)
+                let admin = self.cfg.admin_port;
+                wait_until(Duration::from_secs(5), || port_open(admin)).await;
                 return;
             }
             let exited = self

@@ -310,7 +310,8 @@ pub struct UplinkConfig {
     /// Create the stream on the hub when it is missing.
     #[serde(default)]
     pub create_stream: bool,
-    /// JetStream publishes in flight before waiting for PubAcks.
+    /// JetStream publishes in flight before waiting for PubAcks. In fast-ingest batches: the
+    /// messages per flow acknowledgement (at most 500), with four of those in flight.
     #[serde(default = "default_window")]
     pub window: usize,
     /// Cap on the backlog drain after an outage: `"200 msg/s"`, `"64 KiB/s"`, `"1 MiB/s"`.

@@ -54,10 +54,17 @@ const COMMIT_AGE: Duration = Duration::from_millis(250);
 /// The most messages per flow acknowledgement the relay asks for (the hub's own limit is 500).
 const MAX_FLOW: usize = 500;
 
-/// The messages per flow acknowledgement for a window: a quarter of it, so that answers keep
-/// coming while the window is full.
+/// The messages per flow acknowledgement for `[uplink] window`: one window's worth (at most
+/// 500, the hub's own limit).
 pub fn flow_for(window: usize) -> u64 {
-    (window / 4).clamp(1, MAX_FLOW) as u64
+    window.clamp(1, MAX_FLOW) as u64
+}
+
+/// The messages a batch may have unconfirmed for `[uplink] window`: four flow
+/// acknowledgements' worth, so that answers keep coming while it is full (the MQTT → hub
+/// benchmark's figures for other choices are in docs/BENCHMARKS.md).
+pub fn in_flight_for(window: usize) -> usize {
+    usize::try_from(flow_for(window)).unwrap_or(MAX_FLOW) * 4
 }
 
 /// What the hub answered on a batch's reply subject.
@@ -339,7 +346,8 @@ async fn pump_inner(
         .await
         .map_err(|e| UplinkError::Publish(e.to_string()))?;
     let flow = flow_for(s.window);
-    let backlog_cap = (s.window / BACKLOG_SHARE).max(1);
+    let window = in_flight_for(s.window);
+    let backlog_cap = (window / BACKLOG_SHARE).max(1);
     let epoch = store.epoch();
     let mut batches = 0u64;
     let mut batch: Option<Batch> = None;
@@ -351,10 +359,10 @@ async fn pump_inner(
     loop {
         let in_flight = batch.as_ref().map_or(0, Batch::in_flight);
         let ending = batch.as_ref().is_some_and(Batch::is_ending);
-        let window = if proven { s.window } else { 1 };
-        let room = window.saturating_sub(in_flight);
+        let open = if proven { window } else { 1 };
+        let room = open.saturating_sub(in_flight);
         let mut read_nothing = false;
-        if room > 0 && !ending && (fresh || room >= REFILL_AT.min(window) || in_flight == 0) {
+        if room > 0 && !ending && (fresh || room >= REFILL_AT.min(open) || in_flight == 0) {
             fresh = false;
             let backlog_in_flight = batch.as_ref().map_or(0, Batch::backlog_in_flight);
             let busy = backlog_cap.saturating_sub(backlog_in_flight);
@@ -430,7 +438,7 @@ async fn pump_inner(
         );
         // Records are waited for while there is room; with none coming, the batch is ended
         // after a short pause.
-        let can_take = proven && !b_ending && in_flight < s.window;
+        let can_take = proven && !b_ending && in_flight < window;
         let wait = if can_take {
             COMMIT_IDLE.min(cursors.pause())
         } else {
@@ -701,9 +709,12 @@ mod tests {
     }
 
     #[test]
-    fn the_flow_is_a_quarter_of_the_window() {
-        assert_eq!(flow_for(256), 64);
+    fn a_flow_acknowledgement_per_window_and_four_in_flight() {
+        assert_eq!(flow_for(256), 256);
+        assert_eq!(in_flight_for(256), 1024);
         assert_eq!(flow_for(1), 1);
+        assert_eq!(in_flight_for(1), 4);
         assert_eq!(flow_for(100_000), MAX_FLOW as u64);
+        assert_eq!(in_flight_for(100_000), 4 * MAX_FLOW);
     }
 }

@@ -491,6 +491,8 @@ pub async fn run_with_heartbeat(
                         let result =
                             batch::pump(&settings, &client, &store, &status, acked, &mut cursors)
                                 .await;
+                        // What the hub confirmed is deleted whatever ended the run.
+                        store.delete(std::mem::take(acked))?;
                         let Err(UplinkError::NotBatched { rewind }) = result else {
                             return result;
                         };
@@ -947,17 +949,7 @@ async fn pump_jetstream(
             }
         }
         if inflight.is_empty() {
-            let pause = if acked.is_empty() {
-                cursors.pause()
-            } else {
-                cursors
-                    .pause()
-                    .min(DELETE_EVERY.saturating_sub(first_acked.elapsed()))
-            };
-            store.wait_for_records(pause).await;
-            if !acked.is_empty() && first_acked.elapsed() >= DELETE_EVERY {
-                store.delete(std::mem::take(acked))?;
-            }
+            idle(store, cursors, acked, first_acked).await?;
             fresh = true;
             continue;
         }
@@ -1001,6 +993,29 @@ async fn pump_jetstream(
             }
         }
     }
+}
+
+/// With nothing in flight: waits for new records (or the drain rate's next token), at most
+/// until the acknowledged records (`acked`, the first at `first_acked`) are due for deletion,
+/// and deletes them when they are.
+async fn idle(
+    store: &Store,
+    cursors: &Cursors,
+    acked: &mut Vec<u64>,
+    first_acked: tokio::time::Instant,
+) -> Result<(), UplinkError> {
+    let pause = if acked.is_empty() {
+        cursors.pause()
+    } else {
+        cursors
+            .pause()
+            .min(DELETE_EVERY.saturating_sub(first_acked.elapsed()))
+    };
+    store.wait_for_records(pause).await;
+    if !acked.is_empty() && first_acked.elapsed() >= DELETE_EVERY {
+        store.delete(std::mem::take(acked))?;
+    }
+    Ok(())
 }
 
 /// The uplink error for a publish the hub did not acknowledge.

@@ -316,22 +316,9 @@ fn trouble(s: &UplinkSettings, answer: Answer) -> UplinkError {
 }
 
 /// Publishes in batches, reading the outbox with `cursors`, until an error; returns only with
-/// one. [`UplinkError::NotBatched`] says that the hub takes one message at a time.
+/// one. [`UplinkError::NotBatched`] says that the hub takes one message at a time. What the
+/// hub confirmed may still be in `acked` (the caller deletes it).
 pub async fn pump(
-    s: &UplinkSettings,
-    client: &async_nats::Client,
-    store: &Store,
-    status: &UplinkStatus,
-    acked: &mut Vec<u64>,
-    cursors: &mut Cursors,
-) -> Result<(), UplinkError> {
-    let result = pump_inner(s, client, store, status, acked, cursors).await;
-    // What the hub confirmed is deleted whatever ended the run.
-    store.delete(std::mem::take(acked))?;
-    result
-}
-
-async fn pump_inner(
     s: &UplinkSettings,
     client: &async_nats::Client,
     store: &Store,
@@ -415,17 +402,7 @@ async fn pump_inner(
             }
         }
         if batch.is_none() {
-            let pause = if acked.is_empty() {
-                cursors.pause()
-            } else {
-                cursors
-                    .pause()
-                    .min(DELETE_EVERY.saturating_sub(first_acked.elapsed()))
-            };
-            store.wait_for_records(pause).await;
-            if !acked.is_empty() && first_acked.elapsed() >= DELETE_EVERY {
-                store.delete(std::mem::take(acked))?;
-            }
+            super::idle(store, cursors, acked, first_acked).await?;
             fresh = true;
             continue;
         }

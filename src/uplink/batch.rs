@@ -173,10 +173,10 @@ pub struct Batch {
 /// What an answer means for the batch.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Progress {
-    /// These outbox records (sequence, backlog?, sent at) are stored on the hub.
-    Stored(Vec<(u64, bool, Instant)>),
+    /// These outbox records (sequence, sent at) are stored on the hub.
+    Stored(Vec<(u64, Instant)>),
     /// The batch is over and everything in it is stored (the records listed).
-    Done(Vec<(u64, bool, Instant)>),
+    Done(Vec<(u64, Instant)>),
 }
 
 impl Batch {
@@ -250,13 +250,13 @@ impl Batch {
         (self.subject.clone(), self.reply(inbox, self.last + 1, 3))
     }
 
-    fn confirm(&mut self, upto: u64) -> Vec<(u64, bool, Instant)> {
+    fn confirm(&mut self, upto: u64) -> Vec<(u64, Instant)> {
         let mut out = Vec::new();
         while let Some(p) = self.pending.front() {
             if p.n > upto {
                 break;
             }
-            out.push((p.seq, p.backlog, p.sent));
+            out.push((p.seq, p.sent));
             self.backlog -= usize::from(p.backlog);
             self.pending.pop_front();
         }
@@ -522,7 +522,7 @@ fn confirmed(
     status: &UplinkStatus,
     acked: &mut Vec<u64>,
     first_acked: &mut Instant,
-    stored: Vec<(u64, bool, Instant)>,
+    stored: Vec<(u64, Instant)>,
 ) {
     if stored.is_empty() {
         return;
@@ -534,7 +534,7 @@ fn confirmed(
     status
         .acknowledged
         .fetch_add(stored.len() as u64, Ordering::Relaxed);
-    for (seq, _, sent) in stored {
+    for (seq, sent) in stored {
         status.record_ack_latency(sent.elapsed());
         acked.push(seq);
     }
@@ -636,14 +636,14 @@ mod tests {
         );
         assert_eq!(
             b.on_answer(Answer::Stored(2)),
-            Ok(Progress::Stored(vec![(10, false, now), (11, false, now)]))
+            Ok(Progress::Stored(vec![(10, now), (11, now)]))
         );
         assert_eq!(
             b.on_answer(Answer::Committed {
                 batch: "tok-1".into(),
                 count: 3
             }),
-            Ok(Progress::Done(vec![(13, true, now)]))
+            Ok(Progress::Done(vec![(13, now)]))
         );
         assert_eq!(b.in_flight(), 0);
     }

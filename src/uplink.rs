@@ -457,12 +457,8 @@ pub async fn run_with_heartbeat(
     let mut in_process_streak = 0u32;
     // Acknowledged records not yet deleted; kept here so that a shutdown deletes them too.
     let mut acked: Vec<u64> = Vec::with_capacity(DELETE_BATCH);
-    // Whether to try fast-ingest batches: each pump run tries them first, unless the last
-    // one learnt that the hub takes one message at a time.
-    let try_batches = AtomicBool::new(true);
     loop {
         let acked = &mut acked;
-        let try_batches = &try_batches;
         let mut link = status.link.subscribe();
         let attempt = async {
             // Nothing is sent while the hub is away: what is accepted meanwhile is backlog.
@@ -487,21 +483,19 @@ pub async fn run_with_heartbeat(
                 UplinkMode::Jetstream => {
                     let new_cursors = || Cursors::new(&store, settings.drain_rate, connected_at);
                     let mut cursors = new_cursors().await?;
-                    if try_batches.load(Ordering::Relaxed) {
-                        let result =
-                            batch::pump(&settings, &client, &store, &status, acked, &mut cursors)
-                                .await;
-                        // What the hub confirmed is deleted whatever ended the run.
-                        store.delete(std::mem::take(acked))?;
-                        let Err(UplinkError::NotBatched { rewind }) = result else {
-                            return result;
-                        };
-                        // The same run goes on one message at a time, from where the batch
-                        // pump stopped (or from the start, when nothing it sent was stored).
-                        try_batches.store(false, Ordering::Relaxed);
-                        if rewind {
-                            cursors = new_cursors().await?;
-                        }
+                    // Every run tries batches first (the hub may have been upgraded, or its
+                    // stream made again with other settings, since the last).
+                    let result =
+                        batch::pump(&settings, &client, &store, &status, acked, &mut cursors).await;
+                    // What the hub confirmed is deleted whatever ended the run.
+                    store.delete(std::mem::take(acked))?;
+                    let Err(UplinkError::NotBatched { rewind }) = result else {
+                        return result;
+                    };
+                    // The same run goes on one message at a time, from where the batch pump
+                    // stopped (or from the start, when nothing it sent was stored).
+                    if rewind {
+                        cursors = new_cursors().await?;
                     }
                     status.batched.store(false, Ordering::Relaxed);
                     pump_jetstream(&settings, &js, &store, &status, acked, &mut cursors).await
@@ -515,9 +509,6 @@ pub async fn run_with_heartbeat(
             _ = shutdown.cancelled() => break,
             r = heartbeat.beat_while(attempt) => r,
         };
-        // After a run ends, the next one asks the hub again whether it takes batches (it may
-        // have been upgraded, or its stream made again with other settings).
-        try_batches.store(true, Ordering::Relaxed);
         if let Err(UplinkError::Disconnected) = result {
             // Logged by the connection's event handler; the next attempt waits for the hub.
             continue;

@@ -16,11 +16,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
-use tokio::sync::OwnedSemaphorePermit;
-use tokio_util::sync::CancellationToken;
 
 use super::message::{Message, Origin, Properties};
-use super::router::{Delivery, Ending, Router, SessionHandle};
+use super::router::{Delivery, Ending, Router, SessionHandle, Slot};
 use super::topic::{self, Filter, FilterError, TopicError};
 use super::tree::SubOptions;
 use crate::store::StoreError;
@@ -165,9 +163,10 @@ pub struct LocalSubscriber {
     router: Router,
     generation: u64,
     /// Holds the session as its (only) connection.
-    _slot: OwnedSemaphorePermit,
-    /// Cancelled when another client takes the client id.
-    kicked: CancellationToken,
+    _slot: Slot,
+    /// Take-overs of the session when it was taken: another client took the client id once
+    /// the session has had more.
+    taken: u64,
 }
 
 impl std::fmt::Debug for LocalSubscriber {
@@ -204,7 +203,7 @@ pub async fn local_subscriber(
         .connect(client_id, true, 0)
         .await
         .map_err(session_err)?;
-    let Some((slot, kicked)) = connected.handle.acquire(ACQUIRE_WAIT).await else {
+    let Some((slot, taken)) = connected.handle.acquire(ACQUIRE_WAIT).await else {
         router
             .disconnect(
                 &connected.handle,
@@ -224,7 +223,7 @@ pub async fn local_subscriber(
         router: router.clone(),
         generation: connected.generation,
         _slot: slot,
-        kicked,
+        taken,
     };
     let subscribed = router
         .subscribe(&sub.handle, &parsed)
@@ -252,7 +251,7 @@ impl LocalSubscriber {
                 self.handle.acknowledged(&d);
                 return Some((d.msg.topic.to_string(), d.msg.payload.clone()));
             }
-            if self.kicked.is_cancelled() {
+            if self.handle.taken_over(self.taken) {
                 return None;
             }
             self.handle.take(BATCH, &mut self.buf);
@@ -262,7 +261,7 @@ impl LocalSubscriber {
             }
             tokio::select! {
                 _ = self.handle.notified() => {}
-                _ = self.kicked.cancelled() => return None,
+                _ = self.handle.until_taken_over(self.taken) => return None,
             }
         }
     }

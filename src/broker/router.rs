@@ -18,8 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Notify, Semaphore};
 
 use super::message::{Message, Origin};
 use super::persist;
@@ -105,21 +104,57 @@ struct Queue {
     bytes: usize,
 }
 
-/// The part of a session its connection works with.
+/// Wakes a parked connection (`gate::park`): called with the key it was parked under when a
+/// delivery or a take-over comes for its session. One hook serves every parked connection.
+pub trait Wake: Send + Sync {
+    fn wake(&self, key: u64);
+}
+
+/// Who is attached to a session as its connection now, for the list of connected clients.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    /// The connection's number, so that only its own end detaches it.
+    pub key: u64,
+    pub user: Option<Arc<str>>,
+    /// Protocol and transport, e.g. `MQTT 5 tls`.
+    pub protocol: &'static str,
+    pub peer: std::net::SocketAddr,
+    /// When it connected, in milliseconds since the Unix epoch.
+    pub since_unix_ms: u64,
+}
+
+/// The part of a session its connection works with. Everything a session costs while its
+/// client waits is here, inline: a waiting connection holds this, its parked state and its
+/// entries in the router's tables, and nothing else (docs/BENCHMARKS.md: idle connections).
 pub struct SessionHandle {
     pub id: SessionId,
     pub client_id: Arc<str>,
     queue: Mutex<Queue>,
     notify: Notify,
-    /// Held by the connection serving the session; a new connection waits for it.
-    slot: Arc<Semaphore>,
-    /// Cancelled to make the serving connection let go (a take-over).
-    kick: Mutex<CancellationToken>,
+    /// Held by the connection serving the session while it takes the session over; a new
+    /// connection waits for it.
+    slot: Semaphore,
+    /// Take-overs so far: a connection that took the session when it was `n` is taken over
+    /// once it is no longer `n`.
+    kicks: AtomicU64,
+    /// Told when `kicks` grows.
+    kicked: Notify,
     persistent: std::sync::atomic::AtomicBool,
     router: std::sync::Weak<RouterShared>,
-    /// Set while the session's connection is parked (`gate::park`): called when a delivery or
-    /// a take-over must wake it.
-    wake: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    /// Set while the session's connection is parked (`gate::park`): the hook and the key that
+    /// wake it when a delivery or a take-over comes.
+    wake: Mutex<Option<(Arc<dyn Wake>, u64)>>,
+    /// The connection serving it now, as the list of connected clients shows it.
+    attached: Mutex<Option<Attachment>>,
+}
+
+/// A connection's hold on its session's slot ([`SessionHandle::acquire`]); released on drop.
+pub struct Slot(Arc<SessionHandle>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.slot.add_permits(1);
+    }
 }
 
 impl std::fmt::Debug for SessionHandle {
@@ -141,26 +176,59 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl SessionHandle {
     /// Makes the connection serving the session let go (a take-over).
     fn kick(&self) {
-        lock(&self.kick).cancel();
+        self.kicks.fetch_add(1, Ordering::SeqCst);
+        self.kicked.notify_waiters();
         self.wake_parked();
+    }
+
+    /// Whether the connection that took the session at `taken` was taken over since.
+    pub fn taken_over(&self, taken: u64) -> bool {
+        self.kicks.load(Ordering::SeqCst) != taken
+    }
+
+    /// Resolves once the connection that took the session at `taken` is taken over.
+    pub async fn until_taken_over(&self, taken: u64) {
+        loop {
+            let notified = self.kicked.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.taken_over(taken) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Lists the connection serving the session now (replacing one that was taken over).
+    pub fn attach(&self, attachment: Attachment) {
+        *lock(&self.attached) = Some(attachment);
+    }
+
+    /// Takes connection `key` off the list, unless another one has taken its place.
+    pub fn detach(&self, key: u64) {
+        let mut attached = lock(&self.attached);
+        if attached.as_ref().is_some_and(|a| a.key == key) {
+            *attached = None;
+        }
+    }
+
+    /// The connection serving the session now, if it is listed.
+    pub fn attachment(&self) -> Option<Attachment> {
+        lock(&self.attached).clone()
     }
 
     /// Sets (`Some`) or clears the hook that wakes the session's parked connection. Returns
     /// whether it must wake at once: deliveries are waiting, or it was taken over (`kicked`).
-    pub fn set_wake(
-        &self,
-        wake: Option<Arc<dyn Fn() + Send + Sync>>,
-        kicked: &CancellationToken,
-    ) -> bool {
+    pub fn set_wake(&self, wake: Option<(Arc<dyn Wake>, u64)>, taken: u64) -> bool {
         let arming = wake.is_some();
         *lock(&self.wake) = wake;
-        arming && (!lock(&self.queue).items.is_empty() || kicked.is_cancelled())
+        arming && (!lock(&self.queue).items.is_empty() || self.taken_over(taken))
     }
 
     fn wake_parked(&self) {
         let wake = lock(&self.wake).clone();
-        if let Some(wake) = wake {
-            wake();
+        if let Some((hook, key)) = wake {
+            hook.wake(key);
         }
     }
 
@@ -262,34 +330,90 @@ impl SessionHandle {
 
     /// Waits until no other connection serves this session and takes it; `None` if that takes
     /// longer than `wait`.
-    pub async fn acquire(
-        &self,
-        wait: Duration,
-    ) -> Option<(OwnedSemaphorePermit, CancellationToken)> {
-        let permit = tokio::time::timeout(wait, self.slot.clone().acquire_owned())
+    ///
+    /// With the slot comes the number of take-overs so far, for [`SessionHandle::taken_over`].
+    pub async fn acquire(self: &Arc<Self>, wait: Duration) -> Option<(Slot, u64)> {
+        let permit = tokio::time::timeout(wait, self.slot.acquire())
             .await
             .ok()?
             .ok()?;
-        let token = CancellationToken::new();
-        *lock(&self.kick) = token.clone();
-        Some((permit, token))
+        permit.forget();
+        let slot = Slot(self.clone());
+        Some((slot, self.kicks.load(Ordering::SeqCst)))
     }
 
     pub fn is_persistent(&self) -> bool {
         self.persistent.load(Ordering::Relaxed)
     }
+
+    fn new(
+        id: SessionId,
+        client_id: &str,
+        persistent: bool,
+        router: &Arc<RouterShared>,
+    ) -> Arc<SessionHandle> {
+        Arc::new(SessionHandle {
+            id,
+            client_id: Arc::from(client_id),
+            queue: Mutex::new(Queue::default()),
+            notify: Notify::new(),
+            slot: Semaphore::new(1),
+            kicks: AtomicU64::new(0),
+            kicked: Notify::new(),
+            persistent: persistent.into(),
+            router: Arc::downgrade(router),
+            wake: Mutex::new(None),
+            attached: Mutex::new(None),
+        })
+    }
 }
 
 struct SessionEntry {
     handle: Arc<SessionHandle>,
-    subscriptions: HashMap<String, (Filter, SubOptions)>,
+    subscriptions: Subscriptions,
+    /// Since when it has had no connection; `None` while it has one (online).
+    offline_since: Option<Instant>,
     /// Session Expiry Interval, seconds (`u32::MAX`: never).
     expiry: u32,
-    online: bool,
-    offline_since: Option<Instant>,
     /// Counts the connections that served it: a connection that was taken over finds another
     /// number here when it ends.
-    generation: u64,
+    generation: u32,
+}
+
+impl SessionEntry {
+    fn online(&self) -> bool {
+        self.offline_since.is_none()
+    }
+}
+
+/// A session's subscriptions by their full filter; a session without any keeps no map. The map
+/// is boxed so that a session without subscriptions holds one pointer, not an empty map
+/// (docs/BENCHMARKS.md: idle connections).
+#[allow(clippy::box_collection)]
+#[derive(Default)]
+struct Subscriptions(Option<Box<HashMap<String, (Filter, SubOptions)>>>);
+
+impl Subscriptions {
+    fn insert(&mut self, full: String, sub: (Filter, SubOptions)) -> Option<(Filter, SubOptions)> {
+        self.0.get_or_insert_with(Box::default).insert(full, sub)
+    }
+
+    fn remove(&mut self, full: &str) -> Option<(Filter, SubOptions)> {
+        let map = self.0.as_mut()?;
+        let removed = map.remove(full);
+        if map.is_empty() {
+            self.0 = None;
+        }
+        removed
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &(Filter, SubOptions))> {
+        self.0.iter().flat_map(|m| m.iter())
+    }
 }
 
 struct DelayedWill {
@@ -463,7 +587,7 @@ impl Router {
             let now = Instant::now();
             if let Some(id) = existing {
                 let over = st.sessions.get(&id).is_some_and(|e| {
-                    !e.online
+                    !e.online()
                         && e.expiry != u32::MAX
                         && e.offline_since.is_some_and(|since| {
                             now.saturating_duration_since(since)
@@ -493,7 +617,7 @@ impl Router {
                     let Some(entry) = st.sessions.get_mut(&id) else {
                         return Err(StoreError::Closed);
                     };
-                    if entry.online {
+                    if entry.online() {
                         entry.handle.kick();
                     } else {
                         self.0
@@ -502,10 +626,9 @@ impl Router {
                             .fetch_sub(1, Ordering::Relaxed);
                         self.0.stats.sessions_online.fetch_add(1, Ordering::Relaxed);
                     }
-                    entry.online = true;
                     entry.offline_since = None;
                     entry.expiry = expiry;
-                    entry.generation += 1;
+                    entry.generation = entry.generation.wrapping_add(1);
                     entry.handle.clone()
                 }
                 _ => {
@@ -517,24 +640,13 @@ impl Router {
                     }
                     let id = st.next_id;
                     st.next_id += 1;
-                    let handle = Arc::new(SessionHandle {
-                        id,
-                        client_id: Arc::from(client_id),
-                        queue: Mutex::new(Queue::default()),
-                        notify: Notify::new(),
-                        slot: Arc::new(Semaphore::new(1)),
-                        kick: Mutex::new(CancellationToken::new()),
-                        persistent: (expiry > 0).into(),
-                        router: Arc::downgrade(&self.0),
-                        wake: Mutex::new(None),
-                    });
+                    let handle = SessionHandle::new(id, client_id, expiry > 0, &self.0);
                     st.sessions.insert(
                         id,
                         SessionEntry {
                             handle: handle.clone(),
-                            subscriptions: HashMap::new(),
+                            subscriptions: Subscriptions::default(),
                             expiry,
-                            online: true,
                             offline_since: None,
                             generation: 0,
                         },
@@ -550,7 +662,10 @@ impl Router {
                 .stats
                 .connected_max
                 .fetch_max(online, Ordering::Relaxed);
-            let generation = st.sessions.get(&handle.id).map_or(0, |e| e.generation);
+            let generation = st
+                .sessions
+                .get(&handle.id)
+                .map_or(0, |e| u64::from(e.generation));
             (handle, present, expiry > 0 || was_persistent, generation)
         };
         if let Some(store) = &self.0.store {
@@ -583,7 +698,7 @@ impl Router {
         st.wills.retain(|w| w.session != id);
         let client = &entry.handle.client_id;
         let kept = entry.handle.is_persistent();
-        for (full, (filter, _)) in &entry.subscriptions {
+        for (full, (filter, _)) in entry.subscriptions.iter() {
             st.tree.remove(filter, id);
             if kept {
                 removals.push((SUBSCRIPTION, persist::subscription_key(client, full)));
@@ -608,7 +723,7 @@ impl Router {
         }
         q.bytes = 0;
         drop(q);
-        if entry.online {
+        if entry.online() {
             self.0.stats.sessions_online.fetch_sub(1, Ordering::Relaxed);
         } else {
             self.0
@@ -650,7 +765,9 @@ impl Router {
             let session_expiry = current.as_ref().map_or(0, |e| e.expiry);
             // Taken over by a connection that resumed the session: a delayed will is not sent
             // [MQTT-3.1.3-9] (and the new connection's connect already cancelled pending ones).
-            let resumed = current.as_ref().is_some_and(|e| e.generation != generation);
+            let resumed = current
+                .as_ref()
+                .is_some_and(|e| u64::from(e.generation) != generation);
             if let Some((msg, delay)) = will.filter(|_| ending == Ending::WithWill) {
                 let delay = delay.min(session_expiry);
                 if delay == 0 {
@@ -669,7 +786,7 @@ impl Router {
                 .get_mut(&handle.id)
                 .filter(|e| Arc::ptr_eq(&e.handle, handle));
             match current {
-                Some(entry) if entry.generation == generation => {
+                Some(entry) if u64::from(entry.generation) == generation => {
                     if let Some(e) = expiry.filter(|e| *e != entry.expiry) {
                         entry.expiry = e;
                         session_update = Some(e);
@@ -678,7 +795,6 @@ impl Router {
                         removals = self.end_session(st, handle.id);
                         unacked.clear();
                     } else {
-                        entry.online = false;
                         entry.offline_since = Some(Instant::now());
                         self.0.stats.sessions_online.fetch_sub(1, Ordering::Relaxed);
                         self.0
@@ -848,7 +964,7 @@ impl Router {
             let sessions = &st.sessions;
             st.tree.matches(
                 &msg.topic,
-                |id| sessions.get(&id).is_some_and(|s| s.online),
+                |id| sessions.get(&id).is_some_and(|s| s.online()),
                 &mut matches,
             );
             // Overlapping subscriptions of one session: one delivery, with the highest QoS and
@@ -980,7 +1096,7 @@ impl Router {
                 .sessions
                 .iter()
                 .filter(|(_, e)| {
-                    !e.online
+                    !e.online()
                         && e.expiry != u32::MAX
                         && e.offline_since.is_some_and(|since| {
                             now.saturating_duration_since(since)
@@ -1052,25 +1168,14 @@ impl Router {
                 };
                 let id = st.next_id;
                 st.next_id += 1;
-                let handle = Arc::new(SessionHandle {
-                    id,
-                    client_id: Arc::from(client),
-                    queue: Mutex::new(Queue::default()),
-                    notify: Notify::new(),
-                    slot: Arc::new(Semaphore::new(1)),
-                    kick: Mutex::new(CancellationToken::new()),
-                    persistent: true.into(),
-                    router: Arc::downgrade(&self.0),
-                    wake: Mutex::new(None),
-                });
+                let handle = SessionHandle::new(id, client, true, &self.0);
                 st.by_client.insert(handle.client_id.clone(), id);
                 st.sessions.insert(
                     id,
                     SessionEntry {
                         handle,
-                        subscriptions: HashMap::new(),
+                        subscriptions: Subscriptions::default(),
                         expiry,
-                        online: false,
                         // The time it was down counts from now: the relay cannot know how long
                         // it was off.
                         offline_since: Some(now),
@@ -1145,6 +1250,15 @@ impl Router {
             store.entry_nowait(space, key, None).await?;
         }
         Ok(n)
+    }
+
+    /// The connections attached to sessions now ([`SessionHandle::attach`]), by client id.
+    pub fn attachments(&self) -> Vec<(Arc<str>, Attachment)> {
+        let st = self.state();
+        st.sessions
+            .values()
+            .filter_map(|e| Some((e.handle.client_id.clone(), e.handle.attachment()?)))
+            .collect()
     }
 
     /// Sessions known (online and offline).

@@ -36,7 +36,7 @@ use crate::broker::codec::{
     self, CodecError, Connect, Inbound, Outgoing, ServerProps, SubscribeFilter, Version,
 };
 use crate::broker::message::{Message, Origin, Properties};
-use crate::broker::router::{Delivery, Ending, Router, SessionHandle, WillKeeper};
+use crate::broker::router::{Delivery, Ending, Router, SessionHandle, Wake, WillKeeper};
 use crate::broker::topic::{self, Filter};
 use crate::broker::tree::SubOptions;
 use crate::mapping::TopicFilter;
@@ -275,7 +275,7 @@ pub(super) struct Resume {
     /// Boxed: most clients have none, and it is large.
     will: Option<Box<(Message, u32)>>,
     generation: u64,
-    kicked: CancellationToken,
+    taken: u64,
     shutdown: CancellationToken,
     held: Held,
     peer: SocketAddr,
@@ -288,12 +288,12 @@ impl Resume {
     }
 
     /// Hooks `wake` to the session; true when it must wake at once.
-    pub(super) fn arm(&self, wake: Arc<dyn Fn() + Send + Sync>) -> bool {
-        self.conn.handle.set_wake(Some(wake), &self.kicked) || self.shutdown.is_cancelled()
+    pub(super) fn arm(&self, wake: Arc<dyn Wake>, key: u64) -> bool {
+        self.conn.handle.set_wake(Some((wake, key)), self.taken) || self.shutdown.is_cancelled()
     }
 
     pub(super) fn disarm(&self) {
-        self.conn.handle.set_wake(None, &self.kicked);
+        self.conn.handle.set_wake(None, self.taken);
     }
 }
 
@@ -304,7 +304,7 @@ pub(super) fn resume(p: Parked) -> std::pin::Pin<Box<dyn std::future::Future<Out
             mut conn,
             will,
             generation,
-            kicked,
+            taken,
             shutdown,
             held,
             peer,
@@ -318,7 +318,7 @@ pub(super) fn resume(p: Parked) -> std::pin::Pin<Box<dyn std::future::Future<Out
                         conn,
                         will: will.map(|w| *w),
                         generation,
-                        kicked,
+                        taken,
                     },
                     shutdown,
                     held,
@@ -416,7 +416,7 @@ async fn drive<S>(
         mut conn,
         will,
         generation,
-        kicked,
+        taken,
     } = started;
 
     // Made at the first PUBLISH: a connection that only subscribes, or waits, has none.
@@ -434,7 +434,7 @@ async fn drive<S>(
             }
         };
         let served = tokio::select! {
-            r = conn.serve(&mut rd, &mut wr, &mut buf, pipe, Watch { kicked: &kicked, shutdown: &shutdown, park }) => r,
+            r = conn.serve(&mut rd, &mut wr, &mut buf, pipe, Watch { taken, shutdown: &shutdown, park }) => r,
             // The pipeline never ends before the reader does (it holds the sender).
             () = stages => Served::End(Ok(())),
         };
@@ -451,7 +451,7 @@ async fn drive<S>(
                     conn,
                     will: will.map(Box::new),
                     generation,
-                    kicked,
+                    taken,
                     shutdown,
                     held,
                     peer,
@@ -534,13 +534,13 @@ fn park_connection<S: Send + 'static>(stream: S, state: Box<Resume>) {
     }
 }
 
-/// A client let in: its connection state, its will, its session's generation, and the token
-/// that fires when another connection takes the session over.
+/// A client let in: its connection state, its will, its session's generation, and the
+/// session's take-overs when it took it (it is taken over once there are more).
 struct Started {
     conn: Conn,
     will: Option<(Message, u32)>,
     generation: u64,
-    kicked: CancellationToken,
+    taken: u64,
 }
 
 /// CONNECT, login, the session, CONNACK. `None` when the client left (or the relay stopped)
@@ -624,7 +624,7 @@ where
         .await
         .map_err(ConnError::Store)?;
     let handle = connected.handle.clone();
-    let Some((_slot, kicked)) = handle.acquire(TAKEOVER_WAIT).await else {
+    let Some((_slot, taken)) = handle.acquire(TAKEOVER_WAIT).await else {
         let _ = wr
             .write_all(&ConnectRefusal::SessionBusy.connack(version))
             .await;
@@ -653,13 +653,10 @@ where
     wr.write_all(&codec::connack(version, connected.present, 0, &props))
         .await?;
 
-    let listed = shared.clients.add(
-        handle.client_id.clone(),
-        user.clone(),
-        version,
-        transport,
-        peer,
-    );
+    let user: Option<Arc<str>> = user.map(Arc::from);
+    let listed = shared
+        .clients
+        .add(&handle, user.clone(), version, transport, peer);
     let conn = Conn {
         listed,
         shared: shared.clone(),
@@ -690,7 +687,7 @@ where
         conn,
         will,
         generation: connected.generation,
-        kicked,
+        taken,
     }))
 }
 
@@ -756,7 +753,7 @@ fn park_after(spoke: bool) -> Duration {
 /// whether it may park now.
 #[derive(Clone, Copy)]
 struct Watch<'a> {
-    kicked: &'a CancellationToken,
+    taken: u64,
     shutdown: &'a CancellationToken,
     park: bool,
 }
@@ -908,7 +905,7 @@ struct Conn {
     shared: Arc<Shared>,
     version: Version,
     client_id: Arc<str>,
-    user: Option<String>,
+    user: Option<Arc<str>>,
     handle: Arc<SessionHandle>,
     keep_alive: u16,
     session_expiry: u32,
@@ -956,7 +953,7 @@ static NO_MAPS: std::sync::LazyLock<Maps> = std::sync::LazyLock::new(Maps::defau
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        self.shared.clients.remove(self.listed);
+        self.shared.clients.remove(&self.handle, self.listed);
     }
 }
 
@@ -1041,7 +1038,7 @@ impl Conn {
         W: AsyncWrite + Unpin,
     {
         let Watch {
-            kicked,
+            taken,
             shutdown,
             park,
         } = watch;
@@ -1086,7 +1083,7 @@ impl Conn {
             };
             tokio::select! {
                 biased;
-                _ = kicked.cancelled() => {
+                () = handle.until_taken_over(taken) => {
                     self.disconnect(SESSION_TAKEN_OVER, Some("another connection took the session"));
                     self.flush(wr).await?;
                     return Ok(Inner::End);
@@ -1353,7 +1350,7 @@ impl Conn {
             if self.maps_mut().denials_logged.insert(format!("p:{topic}")) {
                 tracing::warn!(
                     client_id = %self.client_id,
-                    user = self.user,
+                    user = self.user.as_deref(),
                     %topic,
                     "publish denied by ACL"
                 );
@@ -1511,7 +1508,7 @@ impl Conn {
                 {
                     tracing::warn!(
                         client_id = %self.client_id,
-                        user = self.user,
+                        user = self.user.as_deref(),
                         filter = f.filter,
                         "subscription denied by ACL"
                     );

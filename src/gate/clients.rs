@@ -3,15 +3,15 @@
 //! A connection is listed once its CONNACK is sent and leaves the list when its state is
 //! dropped, parked or not.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::Transport;
 use crate::broker::codec::Version;
+use crate::broker::router::{Attachment, Router, SessionHandle};
 
 /// One connected client as the admin page shows it.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -25,34 +25,41 @@ pub struct ClientInfo {
     pub since_unix_ms: u64,
 }
 
-struct Entry {
-    client_id: std::sync::Arc<str>,
-    user: Option<String>,
-    version: Version,
-    transport: Transport,
-    peer: SocketAddr,
-    since_unix_ms: u64,
-}
-
-/// The list, keyed by a number each connection is given.
-#[derive(Default)]
+/// The list. Each connection's entry is kept in its session ([`SessionHandle::attach`]), so a
+/// connection costs no entry of its own here.
 pub struct Clients {
     next: AtomicU64,
-    map: Mutex<HashMap<u64, Entry>>,
+    router: Router,
+}
+
+/// What the list shows as the protocol: version and transport.
+fn protocol(version: Version, transport: Transport) -> &'static str {
+    match (version, transport) {
+        (Version::V5, Transport::Tcp) => "MQTT 5 tcp",
+        (Version::V5, Transport::Tls) => "MQTT 5 tls",
+        (Version::V5, Transport::Ws) => "MQTT 5 ws",
+        (Version::V5, Transport::Wss) => "MQTT 5 wss",
+        (Version::V4, Transport::Tcp) => "MQTT 3.1.1 tcp",
+        (Version::V4, Transport::Tls) => "MQTT 3.1.1 tls",
+        (Version::V4, Transport::Ws) => "MQTT 3.1.1 ws",
+        (Version::V4, Transport::Wss) => "MQTT 3.1.1 wss",
+    }
 }
 
 impl Clients {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
-        self.map
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    pub(super) fn new(router: Router) -> Clients {
+        Clients {
+            next: AtomicU64::new(0),
+            router,
+        }
     }
 
-    /// Lists a connection; the number is for [`Clients::remove`].
+    /// Lists the connection now serving `handle`'s session; the number is for
+    /// [`Clients::remove`].
     pub(super) fn add(
         &self,
-        client_id: std::sync::Arc<str>,
-        user: Option<String>,
+        handle: &SessionHandle,
+        user: Option<Arc<str>>,
         version: Version,
         transport: Transport,
         peer: SocketAddr,
@@ -61,52 +68,37 @@ impl Clients {
         let since_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        self.map().insert(
+        handle.attach(Attachment {
             key,
-            Entry {
-                client_id,
-                user,
-                version,
-                transport,
-                peer,
-                since_unix_ms,
-            },
-        );
+            user,
+            protocol: protocol(version, transport),
+            peer,
+            since_unix_ms,
+        });
         key
     }
 
-    pub(super) fn remove(&self, key: u64) {
-        self.map().remove(&key);
+    /// Takes connection `key` off the list (unless a take-over has listed another one).
+    pub(super) fn remove(&self, handle: &SessionHandle, key: u64) {
+        handle.detach(key);
     }
 
     /// How many are connected, and the `max` who came last, newest first.
     pub fn newest(&self, max: usize) -> (usize, Vec<ClientInfo>) {
-        let map = self.map();
-        let mut entries: Vec<&Entry> = map.values().collect();
-        entries.sort_unstable_by_key(|e| std::cmp::Reverse(e.since_unix_ms));
-        let list = entries
+        let mut all = self.router.attachments();
+        all.sort_unstable_by_key(|(_, a)| std::cmp::Reverse(a.since_unix_ms));
+        let total = all.len();
+        let list = all
             .into_iter()
             .take(max)
-            .map(|e| ClientInfo {
-                client_id: e.client_id.to_string(),
-                user: e.user.clone(),
-                protocol: format!(
-                    "{} {}",
-                    match e.version {
-                        Version::V5 => "MQTT 5",
-                        Version::V4 => "MQTT 3.1.1",
-                    },
-                    match e.transport {
-                        Transport::Tcp => "tcp",
-                        Transport::Tls => "tls",
-                        Transport::Ws => "ws",
-                        Transport::Wss => "wss",
-                    }
-                ),
-                address: e.peer.to_string(),
-                since_unix_ms: e.since_unix_ms,
+            .map(|(client_id, a)| ClientInfo {
+                client_id: client_id.to_string(),
+                user: a.user.as_deref().map(str::to_owned),
+                protocol: a.protocol.to_owned(),
+                address: a.peer.to_string(),
+                since_unix_ms: a.since_unix_ms,
             })
             .collect();
-        (map.len(), list)
+        (total, list)
     }
 }

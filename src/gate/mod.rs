@@ -171,7 +171,7 @@ impl Gate {
             store,
             tls,
             auth,
-            clients: clients::Clients::default(),
+            clients: clients::Clients::new(router.clone()),
             stats: GateStats::default(),
             last_busy_warning: AtomicU64::new(0),
             started: Instant::now(),

@@ -11,7 +11,8 @@
 //! not a task with its futures, timers and reactor registration (docs/BENCHMARKS.md: idle
 //! connections).
 
-use std::collections::{BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -22,6 +23,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::client::Resume;
+use crate::broker::router::Wake;
 
 /// How long a connection must be quiet before it parks.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
@@ -71,11 +73,12 @@ impl Parker {
         let thread = Thread {
             poll,
             commands: rx,
-            own: tx.clone(),
-            waker: waker.clone(),
-            entries: HashMap::new(),
-            deadlines: BTreeSet::new(),
-            next_id: 0,
+            hook: Arc::new(Hook {
+                commands: tx.clone(),
+                waker: waker.clone(),
+            }),
+            slots: Slots::default(),
+            deadlines: BinaryHeap::new(),
             stopping: false,
             parks_since_trim: 0,
             last_park: Instant::now(),
@@ -125,20 +128,155 @@ impl Drop for Parker {
     }
 }
 
-struct Entry {
-    parked: Parked,
-    deadline: Option<Instant>,
+/// The wake hook given to the sessions of parked connections: one for all of them, each
+/// session holding it with its connection's key.
+struct Hook {
+    commands: mpsc::Sender<Command>,
+    waker: Arc<Waker>,
+}
+
+impl Wake for Hook {
+    fn wake(&self, key: u64) {
+        if self.commands.send(Command::Wake(key)).is_ok() {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
+/// The parked connections, in a slab: a connection's key is its slot's index (also its poll
+/// token) and the slot's generation, so that a wake meant for a connection that has left finds
+/// nobody, not the connection that took its slot.
+///
+/// A parked connection's state lives in its slot by value, in chunks of [`CHUNK`] slots: the
+/// connections that wait hold no allocation of their own between the ones their tasks left, and
+/// a chunk whose connections have all gone is freed (docs/BENCHMARKS.md: idle connections).
+struct Slots<T> {
+    chunks: Vec<Option<Box<Chunk<T>>>>,
+    /// Each slot's generation, kept while its chunk is freed.
+    generations: Vec<u32>,
+    free: Vec<u32>,
+    len: usize,
+}
+
+/// Slots per chunk.
+const CHUNK: usize = 64;
+
+/// A parked connection as its slot holds it.
+struct Waiting {
+    stream: std::net::TcpStream,
+    state: Resume,
+}
+
+struct Chunk<T> {
+    used: usize,
+    slots: [Option<T>; CHUNK],
+}
+
+impl<T> Default for Slots<T> {
+    fn default() -> Slots<T> {
+        Slots {
+            chunks: Vec::new(),
+            generations: Vec::new(),
+            free: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+fn key(index: u32, generation: u32) -> u64 {
+    (u64::from(generation) << 32) | u64::from(index)
+}
+
+fn index(key: u64) -> u32 {
+    key as u32
+}
+
+impl<T> Slots<T> {
+    /// The index and key of the slot [`Slots::fill`] fills next.
+    fn vacant(&mut self) -> Option<(u32, u64)> {
+        let index = match self.free.last() {
+            Some(&i) => i,
+            None => {
+                let i = u32::try_from(self.generations.len())
+                    .ok()
+                    .filter(|i| *i < u32::MAX)?;
+                self.generations.push(0);
+                self.free.push(i);
+                i
+            }
+        };
+        let generation = *self.generations.get(index as usize)?;
+        Some((index, key(index, generation)))
+    }
+
+    /// Fills the slot [`Slots::vacant`] gave.
+    fn fill(&mut self, index: u32, value: T) {
+        let i = index as usize;
+        if self.chunks.len() <= i / CHUNK {
+            self.chunks.resize_with(i / CHUNK + 1, || None);
+        }
+        let chunk = self.chunks[i / CHUNK].get_or_insert_with(|| {
+            Box::new(Chunk {
+                used: 0,
+                slots: std::array::from_fn(|_| None),
+            })
+        });
+        self.free.pop();
+        chunk.slots[i % CHUNK] = Some(value);
+        chunk.used += 1;
+        self.len += 1;
+    }
+
+    fn get(&self, key: u64) -> Option<&T> {
+        let i = index(key) as usize;
+        if *self.generations.get(i)? != (key >> 32) as u32 {
+            return None;
+        }
+        self.chunks.get(i / CHUNK)?.as_ref()?.slots[i % CHUNK].as_ref()
+    }
+
+    fn take(&mut self, key: u64) -> Option<T> {
+        self.get(key)?;
+        let i = index(key) as usize;
+        let place = self.chunks.get_mut(i / CHUNK)?;
+        let chunk = place.as_mut()?;
+        let value = chunk.slots[i % CHUNK].take()?;
+        chunk.used -= 1;
+        if chunk.used == 0 {
+            *place = None;
+        }
+        if let Some(g) = self.generations.get_mut(i) {
+            *g = g.wrapping_add(1);
+        }
+        self.free.push(index(key));
+        self.len -= 1;
+        Some(value)
+    }
+
+    /// The key of the connection in slot `index`, if one is there.
+    fn key_at(&self, index: usize) -> Option<u64> {
+        let generation = *self.generations.get(index)?;
+        let index = u32::try_from(index).ok()?;
+        let k = key(index, generation);
+        self.get(k).map(|_| k)
+    }
+
+    fn keys(&self) -> Vec<u64> {
+        (0..self.generations.len())
+            .filter_map(|i| self.key_at(i))
+            .collect()
+    }
 }
 
 struct Thread {
     poll: Poll,
     commands: mpsc::Receiver<Command>,
-    /// For the wake hooks given to the sessions.
-    own: mpsc::Sender<Command>,
-    waker: Arc<Waker>,
-    entries: HashMap<u64, Entry>,
-    deadlines: BTreeSet<(Instant, u64)>,
-    next_id: u64,
+    /// The wake hook the sessions of parked connections hold.
+    hook: Arc<Hook>,
+    slots: Slots<Waiting>,
+    /// Keep-alive deadlines, soonest first. An entry whose connection has left stays until it
+    /// comes up (or the heap is compacted): it then finds no connection under its key.
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     stopping: bool,
     parks_since_trim: u64,
     last_park: Instant,
@@ -153,10 +291,11 @@ impl Thread {
         let mut events = Events::with_capacity(256);
         loop {
             let now = Instant::now();
+            self.drop_stale_deadlines();
             let mut timeout = self
                 .deadlines
-                .first()
-                .map(|(at, _)| at.saturating_duration_since(now));
+                .peek()
+                .map(|Reverse((at, _))| at.saturating_duration_since(now));
             if let Some(at) = self.trim_at() {
                 let wait = at.saturating_duration_since(now);
                 timeout = Some(timeout.map_or(wait, |t| t.min(wait)));
@@ -172,7 +311,9 @@ impl Thread {
             let mut ready = Vec::new();
             for event in events.iter() {
                 if event.token() != COMMANDS {
-                    ready.push(event.token().0 as u64);
+                    if let Some(key) = self.slots.key_at(event.token().0) {
+                        ready.push(key);
+                    }
                 }
             }
             for id in ready {
@@ -189,7 +330,7 @@ impl Thread {
                     Err(mpsc::TryRecvError::Empty) => break,
                     // Every handle is gone (the gate was dropped): nothing can park any more.
                     Err(mpsc::TryRecvError::Disconnected) => {
-                        if self.entries.is_empty() {
+                        if self.slots.len == 0 {
                             return;
                         }
                         break;
@@ -197,11 +338,12 @@ impl Thread {
                 }
             }
             let now = Instant::now();
-            while let Some(&(at, id)) = self.deadlines.first() {
+            while let Some(&Reverse((at, key))) = self.deadlines.peek() {
                 if at > now {
                     break;
                 }
-                self.unpark(id);
+                self.deadlines.pop();
+                self.unpark(key);
             }
             if self.trim_at().is_some_and(|at| at <= now) {
                 give_back_free_memory();
@@ -224,71 +366,91 @@ impl Thread {
         })
     }
 
+    /// Drops deadlines of connections that have left from the top of the heap, and compacts
+    /// the heap when most of it is such.
+    fn drop_stale_deadlines(&mut self) {
+        while let Some(&Reverse((at, key))) = self.deadlines.peek() {
+            if self.is_due(at, key) {
+                break;
+            }
+            self.deadlines.pop();
+        }
+        if self.deadlines.len() > 2 * self.slots.len + 1024 {
+            let mut deadlines = std::mem::take(&mut self.deadlines);
+            deadlines.retain(|Reverse((at, key))| self.is_due(*at, *key));
+            self.deadlines = deadlines;
+        }
+    }
+
+    /// Whether `key` is parked with deadline `at`.
+    fn is_due(&self, at: Instant, key: u64) -> bool {
+        self.slots
+            .get(key)
+            .is_some_and(|w| w.state.deadline() == Some(at))
+    }
+
     fn park(&mut self, p: Parked) {
         if self.stopping {
             self.spawn(p);
             return;
         }
-        let id = self.next_id;
-        self.next_id += 1;
+        let Some((index, key)) = self.slots.vacant() else {
+            tracing::warn!("the connection parker is full; the connection keeps its task");
+            self.spawn(p);
+            return;
+        };
         let fd = p.stream.as_raw_fd();
         if let Err(error) = self.poll.registry().register(
             &mut SourceFd(&fd),
-            Token(id as usize),
+            Token(index as usize),
             Interest::READABLE,
         ) {
             tracing::warn!(%error, "a connection cannot be parked; it keeps its task");
             self.spawn(p);
             return;
         }
-        let deadline = p.state.deadline();
-        if let Some(at) = deadline {
-            self.deadlines.insert((at, id));
+        if let Some(at) = p.state.deadline() {
+            self.deadlines.push(Reverse((at, key)));
         }
-        // The hook is armed after the entry is in place; a delivery or take-over that came
-        // before it is seen by `arm`, which then says to wake at once.
-        let own = self.own.clone();
-        let waker = self.waker.clone();
-        let wake: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
-            if own.send(Command::Wake(id)).is_ok() {
-                let _ = waker.wake();
-            }
-        });
-        let wake_now = p.state.arm(wake);
-        self.entries.insert(
-            id,
-            Entry {
-                parked: p,
-                deadline,
+        // The hook is armed after the connection is in its slot; a delivery or take-over that
+        // came before it is seen by `arm`, which then says to wake at once.
+        let hook: Arc<dyn Wake> = self.hook.clone();
+        self.slots.fill(
+            index,
+            Waiting {
+                stream: p.stream,
+                state: *p.state,
             },
         );
+        let wake_now = self.slots.get(key).is_some_and(|w| w.state.arm(hook, key));
         self.parked.fetch_add(1, Ordering::Relaxed);
         self.parks_since_trim += 1;
         self.last_park = Instant::now();
         if wake_now {
-            self.unpark(id);
+            self.unpark(key);
         }
     }
 
-    fn unpark(&mut self, id: u64) {
-        let Some(entry) = self.entries.remove(&id) else {
+    fn unpark(&mut self, key: u64) {
+        let Some(Waiting { stream, state }) = self.slots.take(key) else {
             return;
         };
+        let parked = Parked {
+            stream,
+            state: Box::new(state),
+        };
         self.parked.fetch_sub(1, Ordering::Relaxed);
-        if let Some(at) = entry.deadline {
-            self.deadlines.remove(&(at, id));
-        }
-        let fd = entry.parked.stream.as_raw_fd();
+        let fd = parked.stream.as_raw_fd();
         let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
-        entry.parked.state.disarm();
-        self.spawn(entry.parked);
+        parked.state.disarm();
+        self.spawn(parked);
     }
 
     fn resume_all(&mut self) {
-        let ids: Vec<u64> = self.entries.keys().copied().collect();
-        for id in ids {
-            self.unpark(id);
+        for key in self.slots.keys() {
+            self.unpark(key);
         }
+        self.deadlines.clear();
     }
 
     fn spawn(&self, p: Parked) {
@@ -315,8 +477,46 @@ mod tests {
     fn a_parked_connection_is_small() {
         // The protocol state and the socket: what a quiet connection costs (plus the heap its
         // state points to: client id, user name, session handle; nothing for an idle one).
-        let size = std::mem::size_of::<Resume>() + std::mem::size_of::<Entry>();
+        let size = std::mem::size_of::<Option<Waiting>>() + std::mem::size_of::<u32>();
         println!("a parked connection: {size} bytes");
         assert!(size <= 400, "{size} bytes");
+    }
+
+    #[test]
+    fn a_slot_is_found_by_its_key_only_while_it_holds_its_connection() {
+        let mut slots: Slots<u32> = Slots::default();
+        let mut keys = Vec::new();
+        for n in 0..(2 * CHUNK as u32 + 3) {
+            let (index, key) = slots.vacant().expect("room");
+            slots.fill(index, n);
+            keys.push(key);
+        }
+        assert_eq!(slots.len, 2 * CHUNK + 3);
+        assert_eq!(slots.get(keys[5]), Some(&5));
+        assert_eq!(slots.key_at(5), Some(keys[5]));
+        assert_eq!(slots.take(keys[5]), Some(5));
+        assert_eq!(
+            slots.get(keys[5]),
+            None,
+            "a key is not found once its connection left"
+        );
+        assert_eq!(slots.take(keys[5]), None);
+        // The slot is used again under another key; the old key still finds nothing.
+        let (index, key) = slots.vacant().expect("room");
+        assert_eq!(index, 5);
+        assert_ne!(key, keys[5]);
+        slots.fill(index, 500);
+        assert_eq!(slots.get(keys[5]), None);
+        assert_eq!(slots.get(key), Some(&500));
+        // A chunk whose connections have all left is freed, and made again when needed.
+        for k in &keys[CHUNK..2 * CHUNK] {
+            assert!(slots.take(*k).is_some());
+        }
+        assert!(slots.chunks[1].is_none());
+        let (index, key) = slots.vacant().expect("room");
+        assert_eq!(index as usize / CHUNK, 1);
+        slots.fill(index, 7);
+        assert_eq!(slots.get(key), Some(&7));
+        assert_eq!(slots.keys().len(), CHUNK + 4);
     }
 }

@@ -334,17 +334,21 @@ async fn a_take_over_ends_the_old_connection_but_not_the_session() {
     let r = router();
     let first = connect(&r, "c", true, 60).await;
     subscribe(&r, &first.handle, "t", opts(1)).await;
-    let (_permit, kicked) = first
+    let (_permit, taken) = first
         .handle
         .acquire(Duration::from_secs(1))
         .await
         .expect("slot");
+    assert!(!first.handle.taken_over(taken));
     let second = connect(&r, "c", false, 60).await;
     assert!(second.present);
     assert!(
-        kicked.is_cancelled(),
+        first.handle.taken_over(taken),
         "the serving connection is told to let go"
     );
+    tokio::time::timeout(Duration::from_secs(1), first.handle.until_taken_over(taken))
+        .await
+        .expect("the wait for a take-over ends");
     // The old connection ends late, handing back what it sent without acknowledgement.
     publish(&r, msg("t", "unacked", 1)).await;
     let unacked = drain(&first.handle);

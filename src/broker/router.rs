@@ -14,11 +14,11 @@
 //! DUP.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Notify;
 
 use super::message::{Message, Origin};
 use super::persist;
@@ -129,23 +129,30 @@ pub struct Attachment {
 pub struct SessionHandle {
     pub id: SessionId,
     pub client_id: Arc<str>,
-    queue: Mutex<Queue>,
+    inner: Mutex<Inner>,
+    /// Told when deliveries may be waiting.
     notify: Notify,
     /// Held by the connection serving the session while it takes the session over; a new
     /// connection waits for it.
-    slot: Semaphore,
+    slot: AtomicBool,
     /// Take-overs so far: a connection that took the session when it was `n` is taken over
     /// once it is no longer `n`.
     kicks: AtomicU64,
-    /// Told when `kicks` grows.
-    kicked: Notify,
-    persistent: std::sync::atomic::AtomicBool,
+    /// Told when `kicks` grows and when the slot is let go.
+    changed: Notify,
+    persistent: AtomicBool,
     router: std::sync::Weak<RouterShared>,
+}
+
+/// What a session's lock guards.
+#[derive(Default)]
+struct Inner {
+    queue: Queue,
     /// Set while the session's connection is parked (`gate::park`): the hook and the key that
     /// wake it when a delivery or a take-over comes.
-    wake: Mutex<Option<(Arc<dyn Wake>, u64)>>,
+    wake: Option<(Arc<dyn Wake>, u64)>,
     /// The connection serving it now, as the list of connected clients shows it.
-    attached: Mutex<Option<Attachment>>,
+    attached: Option<Attachment>,
 }
 
 /// A connection's hold on its session's slot ([`SessionHandle::acquire`]); released on drop.
@@ -153,7 +160,8 @@ pub struct Slot(Arc<SessionHandle>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.slot.add_permits(1);
+        self.0.slot.store(false, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
     }
 }
 
@@ -177,7 +185,7 @@ impl SessionHandle {
     /// Makes the connection serving the session let go (a take-over).
     fn kick(&self) {
         self.kicks.fetch_add(1, Ordering::SeqCst);
-        self.kicked.notify_waiters();
+        self.changed.notify_waiters();
         self.wake_parked();
     }
 
@@ -189,7 +197,7 @@ impl SessionHandle {
     /// Resolves once the connection that took the session at `taken` is taken over.
     pub async fn until_taken_over(&self, taken: u64) {
         loop {
-            let notified = self.kicked.notified();
+            let notified = self.changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.taken_over(taken) {
@@ -201,32 +209,33 @@ impl SessionHandle {
 
     /// Lists the connection serving the session now (replacing one that was taken over).
     pub fn attach(&self, attachment: Attachment) {
-        *lock(&self.attached) = Some(attachment);
+        lock(&self.inner).attached = Some(attachment);
     }
 
     /// Takes connection `key` off the list, unless another one has taken its place.
     pub fn detach(&self, key: u64) {
-        let mut attached = lock(&self.attached);
-        if attached.as_ref().is_some_and(|a| a.key == key) {
-            *attached = None;
+        let mut inner = lock(&self.inner);
+        if inner.attached.as_ref().is_some_and(|a| a.key == key) {
+            inner.attached = None;
         }
     }
 
     /// The connection serving the session now, if it is listed.
     pub fn attachment(&self) -> Option<Attachment> {
-        lock(&self.attached).clone()
+        lock(&self.inner).attached.clone()
     }
 
     /// Sets (`Some`) or clears the hook that wakes the session's parked connection. Returns
     /// whether it must wake at once: deliveries are waiting, or it was taken over (`kicked`).
     pub fn set_wake(&self, wake: Option<(Arc<dyn Wake>, u64)>, taken: u64) -> bool {
         let arming = wake.is_some();
-        *lock(&self.wake) = wake;
-        arming && (!lock(&self.queue).items.is_empty() || self.taken_over(taken))
+        let mut inner = lock(&self.inner);
+        inner.wake = wake;
+        arming && (!inner.queue.items.is_empty() || self.taken_over(taken))
     }
 
     fn wake_parked(&self) {
-        let wake = lock(&self.wake).clone();
+        let wake = lock(&self.inner).wake.clone();
         if let Some((hook, key)) = wake {
             hook.wake(key);
         }
@@ -240,7 +249,8 @@ impl SessionHandle {
     /// Takes up to `max` deliveries, oldest first, leaving out expired ones.
     pub fn take(&self, max: usize, out: &mut Vec<Delivery>) {
         let now = Instant::now();
-        let mut q = lock(&self.queue);
+        let mut inner = lock(&self.inner);
+        let q = &mut inner.queue;
         let before = out.len();
         let mut taken_bytes = 0;
         let mut expired = Vec::new();
@@ -254,7 +264,7 @@ impl SessionHandle {
             out.push(d);
         }
         q.bytes -= taken_bytes.min(q.bytes);
-        drop(q);
+        drop(inner);
         if let Some(router) = self.router.upgrade() {
             router.queued_sub(taken_bytes);
             router.stats.queued_messages.fetch_sub(
@@ -280,7 +290,8 @@ impl SessionHandle {
         let mut bytes = 0;
         let n = deliveries.len();
         {
-            let mut q = lock(&self.queue);
+            let mut inner = lock(&self.inner);
+            let q = &mut inner.queue;
             for d in deliveries.into_iter().rev() {
                 bytes += d.size();
                 q.items.push_front(d);
@@ -300,7 +311,7 @@ impl SessionHandle {
 
     /// Whether deliveries are waiting.
     pub fn pending(&self) -> usize {
-        lock(&self.queue).items.len()
+        lock(&self.inner).queue.items.len()
     }
 
     /// A delivery was sent to the client for the first time: after a restart, it goes out
@@ -333,11 +344,22 @@ impl SessionHandle {
     ///
     /// With the slot comes the number of take-overs so far, for [`SessionHandle::taken_over`].
     pub async fn acquire(self: &Arc<Self>, wait: Duration) -> Option<(Slot, u64)> {
-        let permit = tokio::time::timeout(wait, self.slot.acquire())
-            .await
-            .ok()?
-            .ok()?;
-        permit.forget();
+        let take = async {
+            loop {
+                let released = self.changed.notified();
+                tokio::pin!(released);
+                released.as_mut().enable();
+                if self
+                    .slot
+                    .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    return;
+                }
+                released.await;
+            }
+        };
+        tokio::time::timeout(wait, take).await.ok()?;
         let slot = Slot(self.clone());
         Some((slot, self.kicks.load(Ordering::SeqCst)))
     }
@@ -355,15 +377,13 @@ impl SessionHandle {
         Arc::new(SessionHandle {
             id,
             client_id: Arc::from(client_id),
-            queue: Mutex::new(Queue::default()),
+            inner: Mutex::new(Inner::default()),
             notify: Notify::new(),
-            slot: Semaphore::new(1),
+            slot: AtomicBool::new(false),
             kicks: AtomicU64::new(0),
-            kicked: Notify::new(),
+            changed: Notify::new(),
             persistent: persistent.into(),
             router: Arc::downgrade(router),
-            wake: Mutex::new(None),
-            attached: Mutex::new(None),
         })
     }
 }
@@ -708,7 +728,8 @@ impl Router {
             .stats
             .subscriptions
             .fetch_sub(entry.subscriptions.len() as u64, Ordering::Relaxed);
-        let mut q = lock(&entry.handle.queue);
+        let mut inner = lock(&entry.handle.inner);
+        let q = &mut inner.queue;
         self.0.queued_sub(q.bytes);
         self.0
             .stats
@@ -722,7 +743,7 @@ impl Router {
             }
         }
         q.bytes = 0;
-        drop(q);
+        drop(inner);
         if entry.online() {
             self.0.stats.sessions_online.fetch_sub(1, Ordering::Relaxed);
         } else {
@@ -1046,7 +1067,8 @@ impl Router {
         let s = &self.0.settings;
         let total = self.0.queued_bytes.load(Ordering::Relaxed);
         let accepted = {
-            let mut q = lock(&handle.queue);
+            let mut inner = lock(&handle.inner);
+            let q = &mut inner.queue;
             if q.items.len() >= s.max_queued_messages
                 || q.bytes + size > s.max_queued_bytes
                 || total + size > s.max_total_queued_bytes
@@ -1237,7 +1259,8 @@ impl Router {
             for (_, id, d) in restored {
                 if let Some(entry) = st.sessions.get(&id) {
                     let size = d.size();
-                    let mut q = lock(&entry.handle.queue);
+                    let mut inner = lock(&entry.handle.inner);
+                    let q = &mut inner.queue;
                     q.items.push_back(d);
                     q.bytes += size;
                     self.0.queued_add(size);

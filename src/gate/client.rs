@@ -661,7 +661,6 @@ where
         listed,
         shared: shared.clone(),
         version,
-        client_id: handle.client_id.clone(),
         user,
         handle: handle.clone(),
         keep_alive: connect.keep_alive,
@@ -673,10 +672,8 @@ where
         spoke: false,
         held: VecDeque::new(),
         next_pid: 0,
-        receive_maximum: usize::from(connect.receive_maximum),
-        maximum_packet_size: connect
-            .maximum_packet_size
-            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        receive_maximum: connect.receive_maximum,
+        maximum_packet_size: connect.maximum_packet_size,
         alias_max_out: connect.topic_alias_maximum,
         wbuf: BytesMut::new(),
         ending: Ending::WithWill,
@@ -904,7 +901,6 @@ struct Conn {
     listed: u64,
     shared: Arc<Shared>,
     version: Version,
-    client_id: Arc<str>,
     user: Option<Arc<str>>,
     handle: Arc<SessionHandle>,
     keep_alive: u16,
@@ -923,8 +919,8 @@ struct Conn {
     /// Taken from the session's queue, waiting for room under the client's Receive Maximum.
     held: VecDeque<Delivery>,
     next_pid: u16,
-    receive_maximum: usize,
-    maximum_packet_size: Option<usize>,
+    receive_maximum: u16,
+    maximum_packet_size: Option<u32>,
     alias_max_out: u16,
     wbuf: BytesMut,
     ending: Ending,
@@ -971,7 +967,7 @@ impl Conn {
     fn who(&self) -> Who<'_> {
         Who {
             user: self.user.as_deref(),
-            client_id: &self.client_id,
+            client_id: &self.handle.client_id,
         }
     }
 
@@ -1073,7 +1069,7 @@ impl Conn {
             let more = self
                 .held
                 .front()
-                .is_some_and(|d| d.qos == 0 || d.released || self.out.len() < self.receive_maximum);
+                .is_some_and(|d| d.qos == 0 || d.released || self.out.len() < usize::from(self.receive_maximum));
             let can_send = self.held.is_empty();
             let acks = async {
                 match pipe.as_mut() {
@@ -1349,7 +1345,7 @@ impl Conn {
                 .fetch_add(1, Ordering::Relaxed);
             if self.maps_mut().denials_logged.insert(format!("p:{topic}")) {
                 tracing::warn!(
-                    client_id = %self.client_id,
+                    client_id = %self.handle.client_id,
                     user = self.user.as_deref(),
                     %topic,
                     "publish denied by ACL"
@@ -1382,7 +1378,7 @@ impl Conn {
                 // reaches local subscribers, but cannot go to the hub.
                 shared.stats.unexportable.fetch_add(1, Ordering::Relaxed);
                 if self.maps_mut().denials_logged.insert(format!("x:{topic}")) {
-                    tracing::warn!(client_id = %self.client_id, %error, "message kept local: its topic cannot be sent to the hub");
+                    tracing::warn!(client_id = %self.handle.client_id, %error, "message kept local: its topic cannot be sent to the hub");
                 }
                 exported = false;
             }
@@ -1397,7 +1393,7 @@ impl Conn {
         );
         let mut tickets = Vec::new();
         if exported || p.retain {
-            let record = record_of(&msg, &self.client_id);
+            let record = record_of(&msg, &self.handle.client_id);
             // A retained message is kept in the store with the same durability as an exported
             // one; an empty payload clears it. One beyond `max_retained_bytes` is refused as a
             // whole: it neither reaches local subscribers nor goes to the hub.
@@ -1411,7 +1407,7 @@ impl Conn {
                     Ok(ticket) => tickets.extend(ticket),
                     Err(reason @ StoreError::RetainedFull { .. }) => {
                         if self.maps_mut().denials_logged.insert(format!("r:{topic}")) {
-                            tracing::warn!(client_id = %self.client_id, %topic, %reason, "publish refused");
+                            tracing::warn!(client_id = %self.handle.client_id, %topic, %reason, "publish refused");
                         }
                         if p.qos == 2 {
                             self.maps_mut().qos2_in.remove(&p.pid);
@@ -1507,7 +1503,7 @@ impl Conn {
                     .insert(format!("s:{}", f.filter))
                 {
                     tracing::warn!(
-                        client_id = %self.client_id,
+                        client_id = %self.handle.client_id,
                         user = self.user.as_deref(),
                         filter = f.filter,
                         "subscription denied by ACL"
@@ -1531,7 +1527,7 @@ impl Conn {
                     // Not kept on flash: refuse these subscriptions (they stay in memory for
                     // this connection, which is what the client may assume from a failure
                     // code too).
-                    tracing::warn!(client_id = %self.client_id, error = %e, "subscription not kept in the store");
+                    tracing::warn!(client_id = %self.handle.client_id, error = %e, "subscription not kept in the store");
                     for &i in &places {
                         codes[i] = UNSPECIFIED;
                     }
@@ -1576,7 +1572,7 @@ impl Conn {
                 if self.wbuf.len() >= WRITE_CHUNK {
                     return;
                 }
-                if d.qos > 0 && self.out.len() >= self.receive_maximum {
+                if d.qos > 0 && self.out.len() >= usize::from(self.receive_maximum) {
                     return;
                 }
                 let Some(mut d) = self.held.pop_front() else {
@@ -1636,7 +1632,10 @@ impl Conn {
             expiry,
         };
         let len = codec::publish_len(self.version, &d.msg, &out);
-        if self.maximum_packet_size.is_some_and(|m| len > m) {
+        if self
+            .maximum_packet_size
+            .is_some_and(|m| len > usize::try_from(m).unwrap_or(usize::MAX))
+        {
             // The client cannot take it [MQTT-3.1.2-25]: dropped as if delivered.
             self.shared
                 .stats

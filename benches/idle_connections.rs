@@ -45,6 +45,8 @@
 //!   --concurrency N    handshakes in progress at once    IDLE_BENCH_CONCURRENCY (100)
 //!   --settle SECS      wait before each RSS reading      IDLE_BENCH_SETTLE      (2)
 //!   --timeout SECS     limit for connecting them all     IDLE_BENCH_TIMEOUT     (120)
+//!   --repeat N         runs per system, taking turns;    IDLE_BENCH_REPEAT      (1)
+//!                      the comparison uses the medians
 //!   --keep             keep data directories and logs    IDLE_BENCH_KEEP
 //! ```
 //!
@@ -81,6 +83,8 @@ usage: cargo bench --bench idle_connections [-- FLAGS]
   --concurrency N    handshakes in progress at once    IDLE_BENCH_CONCURRENCY (100)
   --settle SECS      wait before each RSS reading      IDLE_BENCH_SETTLE      (2)
   --timeout SECS     limit for connecting them all     IDLE_BENCH_TIMEOUT     (120)
+  --repeat N         runs per system, taking turns;    IDLE_BENCH_REPEAT      (1)
+                     the comparison uses the medians
   --keep             keep data directories and logs    IDLE_BENCH_KEEP
 
   BENCH_RELAYBOX     relaybox binary (default: the one cargo just built)
@@ -103,6 +107,7 @@ struct Settings {
     concurrency: usize,
     settle: Duration,
     timeout: Duration,
+    repeat: usize,
     keep: bool,
     programs: Programs,
     mosquitto: std::path::PathBuf,
@@ -118,6 +123,7 @@ impl Settings {
         let mut concurrency = raw("IDLE_BENCH_CONCURRENCY");
         let mut settle = raw("IDLE_BENCH_SETTLE");
         let mut timeout = raw("IDLE_BENCH_TIMEOUT");
+        let mut repeat = raw("IDLE_BENCH_REPEAT");
         let mut keep = raw("IDLE_BENCH_KEEP").is_some_and(|v| v != "0");
 
         let mut args = std::env::args().skip(1);
@@ -144,6 +150,7 @@ impl Settings {
                 "--concurrency" => &mut concurrency,
                 "--settle" => &mut settle,
                 "--timeout" => &mut timeout,
+                "--repeat" => &mut repeat,
                 other => bail!("unknown argument {other:?}\n\n{USAGE}"),
             };
             let value = match inline {
@@ -175,6 +182,7 @@ impl Settings {
             concurrency: num("concurrency", concurrency, 100usize)?.max(1),
             settle: Duration::from_secs(num("settle", settle, 2)?),
             timeout: Duration::from_secs(num("timeout", timeout, 120)?),
+            repeat: num("repeat", repeat, 1usize)?.max(1),
             keep,
             programs: Programs::from_env(),
             mosquitto: local::mosquitto_program(),
@@ -265,6 +273,46 @@ struct Row {
 impl Row {
     fn per_connection_kib(&self) -> f64 {
         (self.after_mib - self.before_mib) * 1024.0 / self.accepted.max(1) as f64
+    }
+}
+
+/// A system's figures over its runs: the median of each, and the range per connection.
+struct Medians {
+    runs: usize,
+    before_mib: f64,
+    after_mib: f64,
+    peak_mib: f64,
+    per_connection_kib: f64,
+    lowest_kib: f64,
+    highest_kib: f64,
+}
+
+impl Medians {
+    fn of(rows: &[Row], broker: Broker) -> Option<Medians> {
+        let mine: Vec<&Row> = rows.iter().filter(|r| r.broker == broker).collect();
+        if mine.is_empty() {
+            return None;
+        }
+        let median = |f: &dyn Fn(&Row) -> f64| {
+            let mut v: Vec<f64> = mine.iter().map(|r| f(r)).collect();
+            v.sort_by(f64::total_cmp);
+            let n = v.len();
+            if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                (v[n / 2 - 1] + v[n / 2]) / 2.0
+            }
+        };
+        let per: Vec<f64> = mine.iter().map(|r| r.per_connection_kib()).collect();
+        Some(Medians {
+            runs: mine.len(),
+            before_mib: median(&|r| r.before_mib),
+            after_mib: median(&|r| r.after_mib),
+            peak_mib: median(&|r| r.peak_mib),
+            per_connection_kib: median(&|r| r.per_connection_kib()),
+            lowest_kib: per.iter().copied().fold(f64::INFINITY, f64::min),
+            highest_kib: per.iter().copied().fold(0.0, f64::max),
+        })
     }
 }
 
@@ -435,11 +483,17 @@ async fn run(s: Settings) -> ExitCode {
     }
     let mut rows = Vec::new();
     let mut failures = Vec::new();
-    for &broker in &s.systems {
+    let runs = (1..=s.repeat).flat_map(|run| s.systems.iter().map(move |&b| (run, b)));
+    for (run, broker) in runs {
         println!(
-            "\n== {} — {} idle connections",
+            "\n== {} — {} idle connections{}",
             broker.label(),
-            thousands(s.connections as u64)
+            thousands(s.connections as u64),
+            if s.repeat > 1 {
+                format!(" (run {run} of {})", s.repeat)
+            } else {
+                String::new()
+            }
         );
         println!("   load average before: {}", load_average());
         let limit = s.timeout + 4 * s.settle + Duration::from_secs(60);
@@ -523,14 +577,39 @@ fn report(rows: &[Row], failures: &[(Broker, String)], s: &Settings) -> String {
             why.replace('|', "/").lines().next().unwrap_or_default()
         );
     }
-    let relaybox = rows.iter().find(|r| r.broker == Broker::Relaybox);
-    let mosquitto = rows.iter().find(|r| r.broker == Broker::Mosquitto);
-    if let (Some(r), Some(m)) = (relaybox, mosquitto) {
-        let per = r.per_connection_kib() / m.per_connection_kib();
+    if s.repeat > 1 {
         let _ = writeln!(
             out,
-            "\nrelaybox / mosquitto (target: <= 1.00): RSS per connection {:.2} ({}), RSS after \
+            "\nMedians of {} runs:\n\n| system | runs | RSS before MiB | RSS after MiB | peak RSS MiB | RSS per connection KiB (lowest–highest) |\n|---|---:|---:|---:|---:|---:|",
+            s.repeat
+        );
+        for &b in &s.systems {
+            let Some(m) = Medians::of(rows, b) else {
+                continue;
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2} ({:.2}–{:.2}) |",
+                b.label(),
+                m.runs,
+                m.before_mib,
+                m.after_mib,
+                m.peak_mib,
+                m.per_connection_kib,
+                m.lowest_kib,
+                m.highest_kib
+            );
+        }
+    }
+    let relaybox = Medians::of(rows, Broker::Relaybox);
+    let mosquitto = Medians::of(rows, Broker::Mosquitto);
+    if let (Some(r), Some(m)) = (relaybox, mosquitto) {
+        let per = r.per_connection_kib / m.per_connection_kib;
+        let _ = writeln!(
+            out,
+            "\nrelaybox / mosquitto (target: <= 1.00){}: RSS per connection {:.2} ({}), RSS after \
              {:.2}, peak RSS {:.2}, RSS before {:.2}",
+            if s.repeat > 1 { ", medians" } else { "" },
             per,
             if per <= 1.0 { "met" } else { "missed" },
             r.after_mib / m.after_mib,

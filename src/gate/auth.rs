@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use super::acl::Acl;
 use super::client::ConnectRefusal;
@@ -26,6 +27,8 @@ pub struct Auth {
     users: Users,
     allow_anonymous: bool,
     current: Mutex<Current>,
+    /// When the last check of the user file started; one check runs at a time.
+    checked: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl Auth {
@@ -52,6 +55,7 @@ impl Auth {
                 groups,
                 acl,
             }),
+            checked: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -95,10 +99,28 @@ impl Auth {
         c.users.clone()
     }
 
+    /// The users as the file holds them now: re-read if it changed since a check that started
+    /// before this call. Checking the file is a stat (and at times a read) of the store's disk,
+    /// done off the async threads, so that a disk that hangs stalls logins, not the runtime.
+    /// Logins that arrive together share one check: each waits for the check in progress and
+    /// takes the result of the next one, which started after it came. So a burst of clients
+    /// connecting does not move a runtime thread aside for each of them (that left a blocking
+    /// thread, with its stack and allocator cache, per CONNECT in flight: docs/BENCHMARKS.md,
+    /// idle connections).
+    async fn fresh_users(&self) -> Arc<UserDb> {
+        let arrived = Instant::now();
+        let mut checked = self.checked.lock().await;
+        if checked.is_some_and(|started| started >= arrived) {
+            return self.lock().users.clone();
+        }
+        *checked = Some(Instant::now());
+        tokio::task::block_in_place(|| self.users())
+    }
+
     /// Whether `name` is a user of the user file and `password` is theirs (checked on the
     /// blocking pool).
     pub async fn verify(&self, name: &str, password: &str) -> bool {
-        let users = tokio::task::block_in_place(|| self.users());
+        let users = self.fresh_users().await;
         let (name, password) = (name.to_owned(), password.to_owned());
         tokio::task::spawn_blocking(move || users.verify(&name, password.as_bytes()))
             .await
@@ -122,9 +144,7 @@ impl Auth {
         if let Some(user) = cert_user {
             return Ok(Some(user));
         }
-        // Checking the user file is a stat (and at times a read) of the store's disk: off the
-        // async threads, so that a disk that hangs stalls this login, not the runtime.
-        let users = tokio::task::block_in_place(|| self.users());
+        let users = self.fresh_users().await;
         match (&connect.username, &connect.password) {
             (Some(name), Some(password)) => {
                 let name = name.clone();

@@ -1066,10 +1066,9 @@ impl Conn {
             self.flush(wr).await?;
             // Deliveries taken and not written yet (the write buffer was full) go on at once;
             // with none held, new ones are awaited.
-            let more = self
-                .held
-                .front()
-                .is_some_and(|d| d.qos == 0 || d.released || self.out.len() < usize::from(self.receive_maximum));
+            let more = self.held.front().is_some_and(|d| {
+                d.qos == 0 || d.released || self.out.len() < usize::from(self.receive_maximum)
+            });
             let can_send = self.held.is_empty();
             let acks = async {
                 match pipe.as_mut() {

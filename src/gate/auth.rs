@@ -79,34 +79,13 @@ impl Auth {
         self.lock().acl.clone()
     }
 
-    /// The users, re-read first if the file changed.
-    fn users(&self) -> Arc<UserDb> {
-        let modified = self.users.modified();
-        let mut c = self.lock();
-        if modified != c.users.modified {
-            match self.users.load() {
-                Ok(db) => {
-                    let db = Arc::new(db);
-                    c.acl = Arc::new(Acl::new(c.rules.clone(), c.groups.clone(), !db.is_empty()));
-                    c.users = db;
-                    tracing::info!("users reloaded");
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "cannot re-read users; keeping the ones loaded")
-                }
-            }
-        }
-        c.users.clone()
-    }
-
     /// The users as the file holds them now: re-read if it changed since a check that started
     /// before this call. Checking the file is a stat (and at times a read) of the store's disk,
-    /// done off the async threads, so that a disk that hangs stalls logins, not the runtime.
+    /// done on the blocking pool, so that a disk that hangs stalls logins, not the runtime.
     /// Logins that arrive together share one check: each waits for the check in progress and
     /// takes the result of the next one, which started after it came. So a burst of clients
-    /// connecting does not move a runtime thread aside for each of them (that left a blocking
-    /// thread, with its stack and allocator cache, per CONNECT in flight: docs/BENCHMARKS.md,
-    /// idle connections).
+    /// connecting uses one blocking thread, not one per CONNECT in flight (each with its stack
+    /// and allocator cache: docs/BENCHMARKS.md, idle connections).
     async fn fresh_users(&self) -> Arc<UserDb> {
         let arrived = Instant::now();
         let mut checked = self.checked.lock().await;
@@ -114,7 +93,30 @@ impl Auth {
             return self.lock().users.clone();
         }
         *checked = Some(Instant::now());
-        tokio::task::block_in_place(|| self.users())
+        let known = self.lock().users.modified;
+        let file = self.users.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let modified = file.modified();
+            (modified != known).then(|| file.load())
+        })
+        .await;
+        let mut c = self.lock();
+        match read {
+            Ok(Some(Ok(db))) => {
+                let db = Arc::new(db);
+                c.acl = Arc::new(Acl::new(c.rules.clone(), c.groups.clone(), !db.is_empty()));
+                c.users = db;
+                tracing::info!("users reloaded");
+            }
+            Ok(Some(Err(error))) => {
+                tracing::warn!(%error, "cannot re-read users; keeping the ones loaded")
+            }
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(%error, "cannot check the user file; keeping the users loaded")
+            }
+        }
+        c.users.clone()
     }
 
     /// Whether `name` is a user of the user file and `password` is theirs (checked on the

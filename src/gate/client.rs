@@ -667,15 +667,12 @@ where
         session_expiry: connect.session_expiry,
         inflight_in: 0,
         maps: None,
-        out: BTreeMap::new(),
         sends: 0,
         spoke: false,
-        held: VecDeque::new(),
         next_pid: 0,
         receive_maximum: connect.receive_maximum,
         maximum_packet_size: connect.maximum_packet_size,
         alias_max_out: connect.topic_alias_maximum,
-        wbuf: BytesMut::new(),
         ending: Ending::WithWill,
         disconnect_expiry: None,
         deadline: None,
@@ -911,27 +908,31 @@ struct Conn {
     /// only waits carries none.
     maps: Option<Box<Maps>>,
     // What the client is sent.
-    /// Sent and not finished, in the order sent.
-    out: BTreeMap<u64, Outflight>,
     sends: u64,
     /// The client has sent a packet since its CONNECT.
     spoke: bool,
-    /// Taken from the session's queue, waiting for room under the client's Receive Maximum.
-    held: VecDeque<Delivery>,
     next_pid: u16,
     receive_maximum: u16,
     maximum_packet_size: Option<u32>,
     alias_max_out: u16,
-    wbuf: BytesMut,
     ending: Ending,
     disconnect_expiry: Option<u32>,
     /// When the client must have sent something (1.5 × its keep-alive after the last packet).
     deadline: Option<tokio::time::Instant>,
 }
 
-/// A connection's maps of protocol flows (see [`Conn::maps`]).
+/// A connection's protocol flows under way (see [`Conn::maps`]): what it was sent and not yet
+/// finished, what waits to be sent or written, and the maps of the flows. Made when the first
+/// flow starts and dropped when the connection parks with all of it empty, so that a
+/// connection that waits carries none of it.
 #[derive(Default)]
 struct Maps {
+    /// Sent and not finished, in the order sent.
+    out: BTreeMap<u64, Outflight>,
+    /// Taken from the session's queue, waiting for room under the client's Receive Maximum.
+    held: VecDeque<Delivery>,
+    /// Written to the client at the next flush.
+    wbuf: BytesMut,
     /// Topic aliases the client set.
     aliases_in: HashMap<u16, Arc<str>>,
     /// QoS 2 publishes received whose PUBREL has not come yet.
@@ -946,6 +947,20 @@ struct Maps {
 
 /// The maps of a connection that has none yet.
 static NO_MAPS: std::sync::LazyLock<Maps> = std::sync::LazyLock::new(Maps::default);
+
+impl Maps {
+    /// Nothing under way: no flow, nothing held or buffered, no alias, no denial logged.
+    fn is_empty(&self) -> bool {
+        self.out.is_empty()
+            && self.held.is_empty()
+            && self.wbuf.is_empty()
+            && self.aliases_in.is_empty()
+            && self.qos2_in.is_empty()
+            && self.denials_logged.is_empty()
+            && self.out_pids.is_empty()
+            && self.aliases_out.is_empty()
+    }
+}
 
 impl Drop for Conn {
     fn drop(&mut self) {
@@ -972,7 +987,14 @@ impl Conn {
     }
 
     fn write(&mut self, bytes: &[u8]) {
-        self.wbuf.extend_from_slice(bytes);
+        self.maps_mut().wbuf.extend_from_slice(bytes);
+    }
+
+    /// Drops the flows' state if nothing is under way (before parking).
+    fn shed_maps(&mut self) {
+        if self.maps.as_deref().is_some_and(Maps::is_empty) {
+            self.maps = None;
+        }
     }
 
     /// Queues an MQTT 5 DISCONNECT with `reason` (nothing on 3.1.1).
@@ -983,15 +1005,15 @@ impl Conn {
     }
 
     async fn flush<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> Result<(), ConnError> {
-        if self.wbuf.is_empty() {
+        let Some(maps) = self.maps.as_deref_mut().filter(|m| !m.wbuf.is_empty()) else {
             return Ok(());
-        }
-        let written = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&self.wbuf)).await;
-        if self.wbuf.capacity() > WBUF_KEEP {
+        };
+        let written = tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&maps.wbuf)).await;
+        if maps.wbuf.capacity() > WBUF_KEEP {
             // A burst's buffer is not kept for a connection that may now wait a long time.
-            self.wbuf = BytesMut::new();
+            maps.wbuf = BytesMut::new();
         } else {
-            self.wbuf.clear();
+            maps.wbuf.clear();
         }
         match written {
             Ok(r) => Ok(r?),
@@ -1066,10 +1088,11 @@ impl Conn {
             self.flush(wr).await?;
             // Deliveries taken and not written yet (the write buffer was full) go on at once;
             // with none held, new ones are awaited.
-            let more = self.held.front().is_some_and(|d| {
-                d.qos == 0 || d.released || self.out.len() < usize::from(self.receive_maximum)
+            let flows = self.maps();
+            let more = flows.held.front().is_some_and(|d| {
+                d.qos == 0 || d.released || flows.out.len() < usize::from(self.receive_maximum)
             });
-            let can_send = self.held.is_empty();
+            let can_send = flows.held.is_empty();
             let acks = async {
                 match pipe.as_mut() {
                     Some((_, acks)) => acks.recv().await,
@@ -1102,7 +1125,8 @@ impl Conn {
                         return Err(ConnError::KeepAliveTimeout(silence.unwrap_or_default()));
                     }
                     if park && quiet_since + park_after(self.spoke) <= now {
-                        if buf.is_empty() && self.wbuf.is_empty() && self.held.is_empty() {
+                        if buf.is_empty() && self.maps().wbuf.is_empty() && self.maps().held.is_empty() {
+                            self.shed_maps();
                             return Ok(Inner::Park);
                         }
                         quiet_since = now;
@@ -1223,7 +1247,7 @@ impl Conn {
                 if reason >= 0x80 {
                     self.finished(pid);
                 } else if let Some(seq) = self.maps().out_pids.get(&pid).copied() {
-                    if let Some(o) = self.out.get_mut(&seq) {
+                    if let Some(o) = self.maps_mut().out.get_mut(&seq) {
                         o.d.released = true;
                     }
                     let p = codec::ack(self.version, 6, pid, 0, None);
@@ -1459,7 +1483,7 @@ impl Conn {
     /// The client finished a delivery (PUBACK, PUBCOMP, or a PUBREC refusing it).
     fn finished(&mut self, pid: u16) {
         if let Some(seq) = self.maps_mut().out_pids.remove(&pid) {
-            if let Some(o) = self.out.remove(&seq) {
+            if let Some(o) = self.maps_mut().out.remove(&seq) {
                 self.handle.acknowledged(&o.d);
             }
         }
@@ -1536,7 +1560,7 @@ impl Conn {
             // Retained messages follow the SUBACK.
             let suback = codec::suback(self.version, pid, &codes, None);
             self.write(&suback);
-            self.held.extend(subscribed.retained);
+            self.maps_mut().held.extend(subscribed.retained);
             return Ok(());
         }
         let suback = codec::suback(self.version, pid, &codes, None);
@@ -1558,23 +1582,23 @@ impl Conn {
     /// Receive Maximum and the buffer's size allow.
     fn fill(&mut self) {
         let now = Instant::now();
-        while self.wbuf.len() < WRITE_CHUNK {
-            if self.held.is_empty() {
+        while self.maps().wbuf.len() < WRITE_CHUNK {
+            if self.maps().held.is_empty() {
                 let mut taken = Vec::new();
                 self.handle.take(64, &mut taken);
                 if taken.is_empty() {
                     return;
                 }
-                self.held.extend(taken);
+                self.maps_mut().held.extend(taken);
             }
-            while let Some(d) = self.held.front() {
-                if self.wbuf.len() >= WRITE_CHUNK {
+            while let Some(d) = self.maps().held.front() {
+                if self.maps().wbuf.len() >= WRITE_CHUNK {
                     return;
                 }
-                if d.qos > 0 && self.out.len() >= usize::from(self.receive_maximum) {
+                if d.qos > 0 && self.maps().out.len() >= usize::from(self.receive_maximum) {
                     return;
                 }
-                let Some(mut d) = self.held.pop_front() else {
+                let Some(mut d) = self.maps_mut().held.pop_front() else {
                     return;
                 };
                 self.send(&mut d, now);
@@ -1616,7 +1640,7 @@ impl Conn {
                     d.pid = pid;
                 }
                 None => {
-                    self.held.push_front(d.clone());
+                    self.maps_mut().held.push_front(d.clone());
                     return;
                 }
             }
@@ -1646,7 +1670,8 @@ impl Conn {
         if let Some((a, true)) = alias {
             self.maps_mut().aliases_out.insert(d.msg.topic.clone(), a);
         }
-        codec::encode_publish(self.version, &d.msg, &out, &mut self.wbuf);
+        let version = self.version;
+        codec::encode_publish(version, &d.msg, &out, &mut self.maps_mut().wbuf);
         let stats = self.shared.router.stats();
         stats.messages_out.fetch_add(1, Ordering::Relaxed);
         stats
@@ -1661,21 +1686,22 @@ impl Conn {
     fn track(&mut self, d: Delivery) {
         self.sends += 1;
         let send = self.sends;
-        self.maps_mut().out_pids.insert(d.pid, send);
-        self.out.insert(self.sends, Outflight { d });
+        let flows = self.maps_mut();
+        flows.out_pids.insert(d.pid, send);
+        flows.out.insert(send, Outflight { d });
     }
 
     /// The connection is over: its session learns how, and gets back what was sent and not
     /// acknowledged (with DUP) and what was not sent yet.
     async fn finish(&mut self, will: Option<(Message, u32)>, generation: u64) {
-        let mut unacked: Vec<Delivery> = std::mem::take(&mut self.out)
-            .into_values()
-            .map(|mut o| {
+        let mut unacked: Vec<Delivery> = Vec::new();
+        if let Some(flows) = self.maps.as_deref_mut() {
+            unacked.extend(std::mem::take(&mut flows.out).into_values().map(|mut o| {
                 o.d.dup = true;
                 o.d
-            })
-            .collect();
-        unacked.extend(self.held.drain(..).filter(|d| d.qos > 0));
+            }));
+            unacked.extend(flows.held.drain(..).filter(|d| d.qos > 0));
+        }
         self.shared
             .router
             .disconnect(

@@ -151,9 +151,9 @@ impl Wake for Hook {
 /// token) and the slot's generation, so that a wake meant for a connection that has left finds
 /// nobody, not the connection that took its slot.
 ///
-/// A parked connection's state lives in its slot by value, in chunks of [`CHUNK`] slots: the
-/// connections that wait hold no allocation of their own between the ones their tasks left, and
-/// a chunk whose connections have all gone is freed (docs/BENCHMARKS.md: idle connections).
+/// A parked connection's state lives in its slot by value, in chunks of [`CHUNK`] slots, so it
+/// costs its slot and no allocation of its own; a chunk whose connections have all gone is
+/// freed.
 struct Slots<T> {
     chunks: Vec<Option<Box<Chunk<T>>>>,
     /// Each slot's generation, kept while its chunk is freed.

@@ -123,9 +123,9 @@ pub struct Attachment {
     pub since_unix_ms: u64,
 }
 
-/// The part of a session its connection works with. Everything a session costs while its
-/// client waits is here, inline: a waiting connection holds this, its parked state and its
-/// entries in the router's tables, and nothing else (docs/BENCHMARKS.md: idle connections).
+/// The part of a session its connection works with. What a session costs while its client
+/// waits is here, inline, beside its client id: a waiting connection holds this, its parked
+/// state and its entries in the router's tables (docs/BENCHMARKS.md: idle connections).
 pub struct SessionHandle {
     pub id: SessionId,
     pub client_id: Arc<str>,
@@ -1066,6 +1066,8 @@ impl Router {
         let size = d.size();
         let s = &self.0.settings;
         let total = self.0.queued_bytes.load(Ordering::Relaxed);
+        // The wake hook is read under the same lock as the push: a parked connection's is
+        // called below, a served connection's is none.
         let accepted = {
             let mut inner = lock(&handle.inner);
             let q = &mut inner.queue;
@@ -1073,18 +1075,20 @@ impl Router {
                 || q.bytes + size > s.max_queued_bytes
                 || total + size > s.max_total_queued_bytes
             {
-                false
+                None
             } else {
                 q.items.push_back(d.clone());
                 q.bytes += size;
-                true
+                Some(inner.wake.clone())
             }
         };
-        if accepted {
+        if let Some(wake) = accepted {
             self.0.queued_add(size);
             self.0.stats.queued_messages.fetch_add(1, Ordering::Relaxed);
             handle.notify.notify_one();
-            handle.wake_parked();
+            if let Some((hook, key)) = wake {
+                hook.wake(key);
+            }
         } else {
             let n = self.0.stats.dropped.fetch_add(1, Ordering::Relaxed);
             if n.is_power_of_two() {

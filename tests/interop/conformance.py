@@ -584,6 +584,44 @@ class V311(Base):
         c.settle()
         self.assertEqual(len(c.messages(T)), 4)
 
+    def test_v311_takeover(self):
+        # [MQTT-3.1.4-2]: a CONNECT with a client id in use closes the existing
+        # connection. The old one has been quiet for 1.5 s, so relaybox has parked it:
+        # the take-over must still reach it.
+        cid = self.persistent(self.cid("to"), V3)
+        T = self.t("q")
+        old = self.client("to1", V3, client_id=cid, clean_session=False)
+        self.assertEqual(old.subscribe(T, 1), [1])
+        time.sleep(1.5)
+        new = self.client("to2", V3, client_id=cid, clean_session=False)
+        self.assertTrue(new.session_present, "the session goes on with the new connection")
+        old._wait(lambda: old.disconnected is not None,
+                  "the server closing the connection that was taken over", timeout=5)
+        pub = self.client("pub", V3)
+        pub.publish(T, b"to-new", qos=1)
+        self.assertEqual(new.wait_msgs(1, T)[0].payload, b"to-new", "subscription kept")
+        new.settle()
+        self.assertEqual(old.messages(T), [], "nothing reaches the old connection")
+
+    def test_v5_takeover(self):
+        # [MQTT-3.1.4-3]: the existing connection gets DISCONNECT 0x8E (session taken
+        # over) and is closed, also when relaybox had parked it.
+        cid = self.persistent(self.cid("to5"), V5)
+        T = self.t("q")
+        old = self.client("to5a", client_id=cid, clean_start=True,
+                          properties=cprops(SessionExpiryInterval=30))
+        self.assertEqual(old.subscribe(T, 1), [1])
+        time.sleep(1.5)
+        new = self.client("to5b", client_id=cid, clean_start=False,
+                          properties=cprops(SessionExpiryInterval=30))
+        self.assertTrue(new.session_present, "the session goes on with the new connection")
+        old._wait(lambda: old.disconnected is not None,
+                  "the server closing the connection that was taken over", timeout=5)
+        self.assertEqual(old.server_disconnect, 0x8E, "DISCONNECT 0x8E session taken over")
+        pub = self.client("pub")
+        pub.publish(T, b"to-new", qos=1)
+        self.assertEqual(new.wait_msgs(1, T)[0].payload, b"to-new", "subscription kept")
+
     def test_v311_overlapping_subscriptions(self):
         # [MQTT-3.3.5-1]: at least one copy at the maximum QoS of all matching
         # subscriptions; the server MAY send one copy per subscription.

@@ -17,6 +17,7 @@ pub mod mapping;
 pub mod modbus;
 pub mod proto;
 pub mod serial;
+mod slots;
 pub mod store;
 pub mod systemd;
 pub mod uplink;

@@ -27,6 +27,9 @@ use super::topic::Filter;
 use super::tree::{Match, SessionId, SubOptions, Tree};
 use crate::store::{Store, StoreError, Ticket, INFLIGHT, QUEUED, SESSION, SUBSCRIPTION};
 
+mod sessions;
+use sessions::Sessions;
+
 /// Limits of the router.
 #[derive(Debug, Clone)]
 pub struct RouterSettings {
@@ -111,16 +114,26 @@ pub trait Wake: Send + Sync {
 }
 
 /// Who is attached to a session as its connection now, for the list of connected clients.
+/// Every session carries one, so it is kept small: the peer's address as its parts, the
+/// protocol as the attaching side's code.
 #[derive(Debug, Clone)]
 pub struct Attachment {
     /// The connection's number, so that only its own end detaches it.
     pub key: u64,
-    pub user: Option<Arc<str>>,
-    /// Protocol and transport, e.g. `MQTT 5 tls`.
-    pub protocol: &'static str,
-    pub peer: std::net::SocketAddr,
     /// When it connected, in milliseconds since the Unix epoch.
     pub since_unix_ms: u64,
+    pub user: Option<Arc<str>>,
+    pub ip: std::net::IpAddr,
+    pub port: u16,
+    /// Protocol and transport, as a code of the side that attached it (the gate's list names
+    /// it, e.g. `MQTT 5 tls`).
+    pub protocol: u8,
+}
+
+impl Attachment {
+    pub fn peer(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.ip, self.port)
+    }
 }
 
 /// The part of a session its connection works with. What a session costs while its client
@@ -148,9 +161,9 @@ pub struct SessionHandle {
 #[derive(Default)]
 struct Inner {
     queue: Queue,
-    /// Set while the session's connection is parked (`gate::park`): the hook and the key that
-    /// wake it when a delivery or a take-over comes.
-    wake: Option<(Arc<dyn Wake>, u64)>,
+    /// Set while the session's connection is parked (`gate::park`): the key the router's wake
+    /// hook ([`Router::set_wake_hook`]) is called with when a delivery or a take-over comes.
+    wake: Option<u64>,
     /// The connection serving it now, as the list of connected clients shows it.
     attached: Option<Attachment>,
 }
@@ -225,9 +238,9 @@ impl SessionHandle {
         lock(&self.inner).attached.clone()
     }
 
-    /// Sets (`Some`) or clears the hook that wakes the session's parked connection. Returns
+    /// Sets (`Some`) or clears the key that wakes the session's parked connection. Returns
     /// whether it must wake at once: deliveries are waiting, or it was taken over (`kicked`).
-    pub fn set_wake(&self, wake: Option<(Arc<dyn Wake>, u64)>, taken: u64) -> bool {
+    pub fn set_wake(&self, wake: Option<u64>, taken: u64) -> bool {
         let arming = wake.is_some();
         let mut inner = lock(&self.inner);
         inner.wake = wake;
@@ -235,9 +248,9 @@ impl SessionHandle {
     }
 
     fn wake_parked(&self) {
-        let wake = lock(&self.inner).wake.clone();
-        if let Some((hook, key)) = wake {
-            hook.wake(key);
+        let wake = lock(&self.inner).wake;
+        if let (Some(key), Some(router)) = (wake, self.router.upgrade()) {
+            router.wake(key);
         }
     }
 
@@ -454,9 +467,7 @@ pub type WillKeeper = Arc<
 struct State {
     tree: Tree,
     retained: Retained<Arc<Message>>,
-    sessions: HashMap<SessionId, SessionEntry>,
-    by_client: HashMap<Arc<str>, SessionId>,
-    next_id: SessionId,
+    sessions: Sessions,
     next_key: u64,
     wills: Vec<DelayedWill>,
     /// Scratch space for matches.
@@ -471,6 +482,8 @@ pub(super) struct RouterShared {
     pub stats: RouterStats,
     started: Instant,
     will_keeper: std::sync::OnceLock<WillKeeper>,
+    /// Wakes parked connections ([`Router::set_wake_hook`]).
+    wake_hook: std::sync::OnceLock<Arc<dyn Wake>>,
 }
 
 impl RouterShared {
@@ -495,6 +508,13 @@ impl RouterShared {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
                 Some(b.saturating_sub(n as u64))
             });
+    }
+
+    /// Calls the wake hook with a parked connection's key.
+    fn wake(&self, key: u64) {
+        if let Some(hook) = self.wake_hook.get() {
+            hook.wake(key);
+        }
     }
 
     /// A delivery is done with (acknowledged, dropped, expired): its store entries go.
@@ -545,9 +565,7 @@ impl Router {
             state: Mutex::new(State {
                 tree: Tree::new(),
                 retained: Retained::new(),
-                sessions: HashMap::new(),
-                by_client: HashMap::new(),
-                next_id: 1,
+                sessions: Sessions::default(),
                 next_key: 1,
                 wills: Vec::new(),
                 matches: Vec::new(),
@@ -558,6 +576,7 @@ impl Router {
             stats: RouterStats::default(),
             started: Instant::now(),
             will_keeper: std::sync::OnceLock::new(),
+            wake_hook: std::sync::OnceLock::new(),
         }))
     }
 
@@ -568,6 +587,13 @@ impl Router {
     /// Sets what happens to every will before it is routed (once; later calls are ignored).
     pub fn keep_wills_with(&self, keeper: WillKeeper) {
         let _ = self.0.will_keeper.set(keeper);
+    }
+
+    /// Sets the hook that wakes parked connections (`gate::park`): a session whose connection
+    /// is parked holds only the key it is called with (once; later calls are ignored, as one
+    /// gate serves a router's connections).
+    pub fn set_wake_hook(&self, hook: Arc<dyn Wake>) {
+        let _ = self.0.wake_hook.set(hook);
     }
 
     /// Publishes a will: kept first (see [`WillKeeper`]), then routed.
@@ -601,12 +627,12 @@ impl Router {
         let (handle, present, write_session, generation) = {
             let mut guard = self.state();
             let st = &mut *guard;
-            let mut existing = st.by_client.get(client_id).copied();
+            let mut existing = st.sessions.id_of(client_id);
             // A session whose expiry passed is gone, also in the moment before the timer
             // removes it.
             let now = Instant::now();
             if let Some(id) = existing {
-                let over = st.sessions.get(&id).is_some_and(|e| {
+                let over = st.sessions.get(id).is_some_and(|e| {
                     !e.online()
                         && e.expiry != u32::MAX
                         && e.offline_since.is_some_and(|since| {
@@ -624,7 +650,7 @@ impl Router {
                 }
             }
             let was_persistent = existing
-                .and_then(|id| st.sessions.get(&id))
+                .and_then(|id| st.sessions.get(id))
                 .is_some_and(|e| e.handle.is_persistent());
             // A pending will of the session is cancelled by a new connection [MQTT-3.1.3-9].
             if let Some(id) = existing {
@@ -634,7 +660,7 @@ impl Router {
             let handle = match existing {
                 Some(id) if !clean_start => {
                     present = true;
-                    let Some(entry) = st.sessions.get_mut(&id) else {
+                    let Some(entry) = st.sessions.get_mut(id) else {
                         return Err(StoreError::Closed);
                     };
                     if entry.online() {
@@ -653,25 +679,26 @@ impl Router {
                 }
                 _ => {
                     if let Some(id) = existing {
-                        if let Some(old) = st.sessions.get(&id) {
+                        if let Some(old) = st.sessions.get(id) {
                             old.handle.kick();
                         }
                         removals.extend(self.end_session(st, id));
                     }
-                    let id = st.next_id;
-                    st.next_id += 1;
-                    let handle = SessionHandle::new(id, client_id, expiry > 0, &self.0);
-                    st.sessions.insert(
-                        id,
-                        SessionEntry {
-                            handle: handle.clone(),
-                            subscriptions: Subscriptions::default(),
-                            expiry,
-                            offline_since: None,
-                            generation: 0,
-                        },
-                    );
-                    st.by_client.insert(handle.client_id.clone(), id);
+                    let mut handle = None;
+                    st.sessions
+                        .insert(|id| {
+                            let h = SessionHandle::new(id, client_id, expiry > 0, &self.0);
+                            handle = Some(h.clone());
+                            SessionEntry {
+                                handle: h,
+                                subscriptions: Subscriptions::default(),
+                                expiry,
+                                offline_since: None,
+                                generation: 0,
+                            }
+                        })
+                        .ok_or(StoreError::Closed)?;
+                    let handle = handle.ok_or(StoreError::Closed)?;
                     self.0.stats.sessions_online.fetch_add(1, Ordering::Relaxed);
                     handle
                 }
@@ -684,7 +711,7 @@ impl Router {
                 .fetch_max(online, Ordering::Relaxed);
             let generation = st
                 .sessions
-                .get(&handle.id)
+                .get(handle.id)
                 .map_or(0, |e| u64::from(e.generation));
             (handle, present, expiry > 0 || was_persistent, generation)
         };
@@ -711,10 +738,9 @@ impl Router {
     /// Removes session `id` and everything of it; returns the store entries to remove.
     fn end_session(&self, st: &mut State, id: SessionId) -> Vec<(u8, Vec<u8>)> {
         let mut removals = Vec::new();
-        let Some(entry) = st.sessions.remove(&id) else {
+        let Some(entry) = st.sessions.remove(id) else {
             return removals;
         };
-        st.by_client.remove(&entry.handle.client_id);
         st.wills.retain(|w| w.session != id);
         let client = &entry.handle.client_id;
         let kept = entry.handle.is_persistent();
@@ -780,7 +806,7 @@ impl Router {
             let st = &mut *guard;
             let current = st
                 .sessions
-                .get_mut(&handle.id)
+                .get_mut(handle.id)
                 .filter(|e| Arc::ptr_eq(&e.handle, handle));
             // The session lives on after this connection if nobody took it over or ended it.
             let session_expiry = current.as_ref().map_or(0, |e| e.expiry);
@@ -804,7 +830,7 @@ impl Router {
             }
             let current = st
                 .sessions
-                .get_mut(&handle.id)
+                .get_mut(handle.id)
                 .filter(|e| Arc::ptr_eq(&e.handle, handle));
             match current {
                 Some(entry) if u64::from(entry.generation) == generation => {
@@ -867,7 +893,7 @@ impl Router {
         {
             let mut guard = self.state();
             let st = &mut *guard;
-            let Some(entry) = st.sessions.get_mut(&handle.id) else {
+            let Some(entry) = st.sessions.get_mut(handle.id) else {
                 return Err(StoreError::Closed);
             };
             let persistent = entry.expiry > 0;
@@ -931,7 +957,7 @@ impl Router {
         {
             let mut guard = self.state();
             let st = &mut *guard;
-            let Some(entry) = st.sessions.get_mut(&handle.id) else {
+            let Some(entry) = st.sessions.get_mut(handle.id) else {
                 return vec![false; filters.len()];
             };
             for filter in filters {
@@ -985,7 +1011,7 @@ impl Router {
             let sessions = &st.sessions;
             st.tree.matches(
                 &msg.topic,
-                |id| sessions.get(&id).is_some_and(|s| s.online()),
+                |id| sessions.get(id).is_some_and(|s| s.online()),
                 &mut matches,
             );
             // Overlapping subscriptions of one session: one delivery, with the highest QoS and
@@ -1010,7 +1036,7 @@ impl Router {
                         sub_ids.push(id);
                     }
                 }
-                let (Some(qos), Some(entry)) = (qos, st.sessions.get(&session)) else {
+                let (Some(qos), Some(entry)) = (qos, st.sessions.get(session)) else {
                     continue;
                 };
                 let key = if qos > 0 && entry.expiry > 0 && self.0.store.is_some() {
@@ -1079,15 +1105,15 @@ impl Router {
             } else {
                 q.items.push_back(d.clone());
                 q.bytes += size;
-                Some(inner.wake.clone())
+                Some(inner.wake)
             }
         };
         if let Some(wake) = accepted {
             self.0.queued_add(size);
             self.0.stats.queued_messages.fetch_add(1, Ordering::Relaxed);
             handle.notify.notify_one();
-            if let Some((hook, key)) = wake {
-                hook.wake(key);
+            if let Some(key) = wake {
+                self.0.wake(key);
             }
         } else {
             let n = self.0.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -1120,8 +1146,8 @@ impl Router {
             }
             let expired: Vec<SessionId> = st
                 .sessions
-                .iter()
-                .filter(|(_, e)| {
+                .values()
+                .filter(|e| {
                     !e.online()
                         && e.expiry != u32::MAX
                         && e.offline_since.is_some_and(|since| {
@@ -1129,7 +1155,7 @@ impl Router {
                                 >= Duration::from_secs(u64::from(e.expiry))
                         })
                 })
-                .map(|(id, _)| *id)
+                .map(|e| e.handle.id)
                 .collect();
             for id in expired {
                 self.0
@@ -1192,22 +1218,23 @@ impl Router {
                     stale.push((SESSION, key.clone()));
                     continue;
                 };
-                let id = st.next_id;
-                st.next_id += 1;
-                let handle = SessionHandle::new(id, client, true, &self.0);
-                st.by_client.insert(handle.client_id.clone(), id);
-                st.sessions.insert(
-                    id,
-                    SessionEntry {
-                        handle,
-                        subscriptions: Subscriptions::default(),
-                        expiry,
-                        // The time it was down counts from now: the relay cannot know how long
-                        // it was off.
-                        offline_since: Some(now),
-                        generation: 0,
-                    },
-                );
+                if st.sessions.id_of(client).is_some() {
+                    stale.push((SESSION, key.clone()));
+                    continue;
+                }
+                let made = st.sessions.insert(|id| SessionEntry {
+                    handle: SessionHandle::new(id, client, true, &self.0),
+                    subscriptions: Subscriptions::default(),
+                    expiry,
+                    // The time it was down counts from now: the relay cannot know how long it
+                    // was off.
+                    offline_since: Some(now),
+                    generation: 0,
+                });
+                if made.is_none() {
+                    stale.push((SESSION, key.clone()));
+                    continue;
+                }
                 self.0
                     .stats
                     .sessions_offline
@@ -1215,7 +1242,7 @@ impl Router {
             }
             for (key, value) in &subscriptions {
                 let parsed = persist::split_key(key).and_then(|(client, filter)| {
-                    let id = *st.by_client.get(client)?;
+                    let id = st.sessions.id_of(client)?;
                     let f = Filter::parse(std::str::from_utf8(filter).ok()?).ok()?;
                     let opts = persist::parse_subscription(value)?;
                     Some((id, f, opts))
@@ -1225,7 +1252,7 @@ impl Router {
                     continue;
                 };
                 st.tree.insert(&filter, id, opts);
-                if let Some(entry) = st.sessions.get_mut(&id) {
+                if let Some(entry) = st.sessions.get_mut(id) {
                     entry.subscriptions.insert(filter.full(), (filter, opts));
                     self.0.stats.subscriptions.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1233,7 +1260,7 @@ impl Router {
             let mut restored: Vec<(u64, SessionId, Delivery)> = Vec::new();
             for (key, value) in &queued {
                 let parsed = persist::split_key(key).and_then(|(client, k)| {
-                    let id = *st.by_client.get(client)?;
+                    let id = st.sessions.id_of(client)?;
                     let seq = u64::from_be_bytes(k.try_into().ok()?);
                     let (msg, qos, retain, sub_ids) = persist::parse_queued(value)?;
                     Some((id, seq, msg, qos, retain, sub_ids))
@@ -1261,7 +1288,7 @@ impl Router {
             }
             restored.sort_by_key(|(seq, _, _)| *seq);
             for (_, id, d) in restored {
-                if let Some(entry) = st.sessions.get(&id) {
+                if let Some(entry) = st.sessions.get(id) {
                     let size = d.size();
                     let mut inner = lock(&entry.handle.inner);
                     let q = &mut inner.queue;

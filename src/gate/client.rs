@@ -36,7 +36,7 @@ use crate::broker::codec::{
     self, CodecError, Connect, Inbound, Outgoing, ServerProps, SubscribeFilter, Version,
 };
 use crate::broker::message::{Message, Origin, Properties};
-use crate::broker::router::{Delivery, Ending, Router, SessionHandle, Wake, WillKeeper};
+use crate::broker::router::{Delivery, Ending, Router, SessionHandle, WillKeeper};
 use crate::broker::topic::{self, Filter};
 use crate::broker::tree::SubOptions;
 use crate::mapping::TopicFilter;
@@ -278,7 +278,6 @@ pub(super) struct Resume {
     taken: u64,
     shutdown: CancellationToken,
     held: Held,
-    peer: SocketAddr,
 }
 
 impl Resume {
@@ -287,9 +286,9 @@ impl Resume {
         self.conn.deadline.map(tokio::time::Instant::into_std)
     }
 
-    /// Hooks `wake` to the session; true when it must wake at once.
-    pub(super) fn arm(&self, wake: Arc<dyn Wake>, key: u64) -> bool {
-        self.conn.handle.set_wake(Some((wake, key)), self.taken) || self.shutdown.is_cancelled()
+    /// Sets the key the router wakes it with; true when it must wake at once.
+    pub(super) fn arm(&self, key: u64) -> bool {
+        self.conn.handle.set_wake(Some(key), self.taken) || self.shutdown.is_cancelled()
     }
 
     pub(super) fn disarm(&self) {
@@ -307,9 +306,10 @@ pub(super) fn resume(p: Parked) -> std::pin::Pin<Box<dyn std::future::Future<Out
             taken,
             shutdown,
             held,
-            peer,
         } = *p.state;
         let shared = conn.shared.clone();
+        // Not kept while parked: the socket knows it, and so does the list of clients.
+        let peer = p.stream.peer_addr().unwrap_or_else(|_| conn.listed_peer());
         match tokio::net::TcpStream::from_std(p.stream) {
             Ok(tcp) => {
                 let (rd, wr) = tokio::io::split(tcp);
@@ -454,7 +454,6 @@ async fn drive<S>(
                     taken,
                     shutdown,
                     held,
-                    peer,
                 });
                 park_connection(rd.unsplit(wr), state);
                 return;
@@ -506,9 +505,9 @@ fn park_connection<S: Send + 'static>(stream: S, state: Box<Resume>) {
                         will,
                         generation,
                         held,
-                        peer,
                         ..
                     } = *state;
+                    let peer = conn.listed_peer();
                     Box::pin(conn.finish(will.map(|w| *w), generation)).await;
                     drop(held);
                     ended(&shared, peer, Err(error.into()));
@@ -969,6 +968,15 @@ impl Drop for Conn {
 }
 
 impl Conn {
+    /// The client's address as the list of connected clients has it (unknown, `0.0.0.0:0`, once
+    /// a take-over has listed another connection).
+    fn listed_peer(&self) -> SocketAddr {
+        self.handle
+            .attachment()
+            .filter(|a| a.key == self.listed)
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |a| a.peer())
+    }
+
     /// The flows' maps, to read.
     fn maps(&self) -> &Maps {
         self.maps.as_deref().unwrap_or(&NO_MAPS)

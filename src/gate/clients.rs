@@ -33,17 +33,31 @@ pub struct Clients {
 }
 
 /// What the list shows as the protocol: version and transport.
-fn protocol(version: Version, transport: Transport) -> &'static str {
-    match (version, transport) {
-        (Version::V5, Transport::Tcp) => "MQTT 5 tcp",
-        (Version::V5, Transport::Tls) => "MQTT 5 tls",
-        (Version::V5, Transport::Ws) => "MQTT 5 ws",
-        (Version::V5, Transport::Wss) => "MQTT 5 wss",
-        (Version::V4, Transport::Tcp) => "MQTT 3.1.1 tcp",
-        (Version::V4, Transport::Tls) => "MQTT 3.1.1 tls",
-        (Version::V4, Transport::Ws) => "MQTT 3.1.1 ws",
-        (Version::V4, Transport::Wss) => "MQTT 3.1.1 wss",
-    }
+/// The names of protocol and transport in the list, by the code a connection is listed with.
+const PROTOCOLS: [&str; 8] = [
+    "MQTT 5 tcp",
+    "MQTT 5 tls",
+    "MQTT 5 ws",
+    "MQTT 5 wss",
+    "MQTT 3.1.1 tcp",
+    "MQTT 3.1.1 tls",
+    "MQTT 3.1.1 ws",
+    "MQTT 3.1.1 wss",
+];
+
+/// The code of a protocol and transport: its index in [`PROTOCOLS`].
+fn protocol(version: Version, transport: Transport) -> u8 {
+    let v = match version {
+        Version::V5 => 0,
+        Version::V4 => 4,
+    };
+    let t = match transport {
+        Transport::Tcp => 0,
+        Transport::Tls => 1,
+        Transport::Ws => 2,
+        Transport::Wss => 3,
+    };
+    v + t
 }
 
 impl Clients {
@@ -71,9 +85,10 @@ impl Clients {
         handle.attach(Attachment {
             key,
             user,
-            protocol: protocol(version, transport),
-            peer,
             since_unix_ms,
+            ip: peer.ip(),
+            port: peer.port(),
+            protocol: protocol(version, transport),
         });
         key
     }
@@ -94,8 +109,11 @@ impl Clients {
             .map(|(client_id, a)| ClientInfo {
                 client_id: client_id.to_string(),
                 user: a.user.as_deref().map(str::to_owned),
-                protocol: a.protocol.to_owned(),
-                address: a.peer.to_string(),
+                protocol: PROTOCOLS
+                    .get(usize::from(a.protocol))
+                    .map_or("MQTT", |p| *p)
+                    .to_owned(),
+                address: a.peer().to_string(),
                 since_unix_ms: a.since_unix_ms,
             })
             .collect();

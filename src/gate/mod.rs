@@ -176,7 +176,10 @@ impl Gate {
             last_busy_warning: AtomicU64::new(0),
             started: Instant::now(),
             parker: match park::Parker::start(tokio::runtime::Handle::current(), client::resume) {
-                Ok(p) => Some(p),
+                Ok(p) => {
+                    router.set_wake_hook(p.wake_hook());
+                    Some(p)
+                }
                 Err(error) => {
                     tracing::warn!(%error, "no connection parker: quiet connections keep their tasks");
                     None

@@ -24,6 +24,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::client::Resume;
 use crate::broker::router::Wake;
+use crate::slots::Slots;
 
 /// How long a connection must be quiet before it parks.
 pub const PARK_AFTER: Duration = Duration::from_secs(1);
@@ -67,6 +68,7 @@ pub(super) struct Parker {
     commands: mpsc::Sender<Command>,
     waker: Arc<Waker>,
     parked: Arc<AtomicU64>,
+    hook: Arc<Hook>,
 }
 
 impl Parker {
@@ -82,10 +84,6 @@ impl Parker {
         let thread = Thread {
             poll,
             commands: rx,
-            hook: Arc::new(Hook {
-                commands: tx.clone(),
-                waker: waker.clone(),
-            }),
             slots: Slots::default(),
             deadlines: BinaryHeap::new(),
             stopping: false,
@@ -100,6 +98,10 @@ impl Parker {
             .name("relaybox-parker".into())
             .spawn(move || thread.run())?;
         Ok(Parker {
+            hook: Arc::new(Hook {
+                commands: tx.clone(),
+                waker: waker.clone(),
+            }),
             commands: tx,
             waker,
             parked,
@@ -125,6 +127,12 @@ impl Parker {
         }
     }
 
+    /// The hook that wakes a parked connection by its key, for the router
+    /// ([`crate::broker::Router::set_wake_hook`]).
+    pub fn wake_hook(&self) -> Arc<dyn Wake> {
+        self.hook.clone()
+    }
+
     /// Connections parked now.
     pub fn parked(&self) -> u64 {
         self.parked.load(Ordering::Relaxed)
@@ -137,8 +145,8 @@ impl Drop for Parker {
     }
 }
 
-/// The wake hook given to the sessions of parked connections: one for all of them, each
-/// session holding it with its connection's key.
+/// The wake hook of parked connections: the router holds it, one for all of them, and a
+/// session whose connection is parked holds the connection's key.
 struct Hook {
     commands: mpsc::Sender<Command>,
     waker: Arc<Waker>,
@@ -152,136 +160,19 @@ impl Wake for Hook {
     }
 }
 
-/// The parked connections, in a slab: a connection's key is its slot's index (also its poll
-/// token) and the slot's generation, so that a wake meant for a connection that has left finds
-/// nobody, not the connection that took its slot.
-///
-/// A parked connection's state lives in its slot by value, in chunks of [`CHUNK`] slots, so it
-/// costs its slot and no allocation of its own; a chunk whose connections have all gone is
-/// freed.
-struct Slots<T> {
-    chunks: Vec<Option<Box<Chunk<T>>>>,
-    /// Each slot's generation, kept while its chunk is freed.
-    generations: Vec<u32>,
-    free: Vec<u32>,
-    len: usize,
-}
-
-/// Slots per chunk.
-const CHUNK: usize = 64;
-
 /// A parked connection as its slot holds it.
 struct Waiting {
     stream: std::net::TcpStream,
     state: Resume,
 }
 
-struct Chunk<T> {
-    used: usize,
-    slots: [Option<T>; CHUNK],
-}
-
-impl<T> Default for Slots<T> {
-    fn default() -> Slots<T> {
-        Slots {
-            chunks: Vec::new(),
-            generations: Vec::new(),
-            free: Vec::new(),
-            len: 0,
-        }
-    }
-}
-
-fn key(index: u32, generation: u32) -> u64 {
-    (u64::from(generation) << 32) | u64::from(index)
-}
-
-fn index(key: u64) -> u32 {
-    key as u32
-}
-
-impl<T> Slots<T> {
-    /// The index and key of the slot [`Slots::fill`] fills next.
-    fn vacant(&mut self) -> Option<(u32, u64)> {
-        let index = match self.free.last() {
-            Some(&i) => i,
-            None => {
-                let i = u32::try_from(self.generations.len())
-                    .ok()
-                    .filter(|i| *i < u32::MAX)?;
-                self.generations.push(0);
-                self.free.push(i);
-                i
-            }
-        };
-        let generation = *self.generations.get(index as usize)?;
-        Some((index, key(index, generation)))
-    }
-
-    /// Fills the slot [`Slots::vacant`] gave.
-    fn fill(&mut self, index: u32, value: T) {
-        let i = index as usize;
-        if self.chunks.len() <= i / CHUNK {
-            self.chunks.resize_with(i / CHUNK + 1, || None);
-        }
-        let chunk = self.chunks[i / CHUNK].get_or_insert_with(|| {
-            Box::new(Chunk {
-                used: 0,
-                slots: std::array::from_fn(|_| None),
-            })
-        });
-        self.free.pop();
-        chunk.slots[i % CHUNK] = Some(value);
-        chunk.used += 1;
-        self.len += 1;
-    }
-
-    fn get(&self, key: u64) -> Option<&T> {
-        let i = index(key) as usize;
-        if *self.generations.get(i)? != (key >> 32) as u32 {
-            return None;
-        }
-        self.chunks.get(i / CHUNK)?.as_ref()?.slots[i % CHUNK].as_ref()
-    }
-
-    fn take(&mut self, key: u64) -> Option<T> {
-        self.get(key)?;
-        let i = index(key) as usize;
-        let place = self.chunks.get_mut(i / CHUNK)?;
-        let chunk = place.as_mut()?;
-        let value = chunk.slots[i % CHUNK].take()?;
-        chunk.used -= 1;
-        if chunk.used == 0 {
-            *place = None;
-        }
-        if let Some(g) = self.generations.get_mut(i) {
-            *g = g.wrapping_add(1);
-        }
-        self.free.push(index(key));
-        self.len -= 1;
-        Some(value)
-    }
-
-    /// The key of the connection in slot `index`, if one is there.
-    fn key_at(&self, index: usize) -> Option<u64> {
-        let generation = *self.generations.get(index)?;
-        let index = u32::try_from(index).ok()?;
-        let k = key(index, generation);
-        self.get(k).map(|_| k)
-    }
-
-    fn keys(&self) -> Vec<u64> {
-        (0..self.generations.len())
-            .filter_map(|i| self.key_at(i))
-            .collect()
-    }
-}
-
 struct Thread {
     poll: Poll,
     commands: mpsc::Receiver<Command>,
-    /// The wake hook the sessions of parked connections hold.
-    hook: Arc<Hook>,
+    /// The parked connections: a connection's key is its slot's key (and the slot's index its
+    /// poll token), so that a wake meant for a connection that has left finds nobody, not the
+    /// connection that took its slot. Its state lives in the slot by value: a parked
+    /// connection costs its slot and no allocation of its own.
     slots: Slots<Waiting>,
     /// Keep-alive deadlines, soonest first. An entry whose connection has left stays until it
     /// comes up (or the heap is compacted): it then finds no connection under its key.
@@ -423,7 +314,6 @@ impl Thread {
         }
         // The hook is armed after the connection is in its slot; a delivery or take-over that
         // came before it is seen by `arm`, which then says to wake at once.
-        let hook: Arc<dyn Wake> = self.hook.clone();
         self.slots.fill(
             index,
             Waiting {
@@ -431,7 +321,7 @@ impl Thread {
                 state: *p.state,
             },
         );
-        let wake_now = self.slots.get(key).is_some_and(|w| w.state.arm(hook, key));
+        let wake_now = self.slots.get(key).is_some_and(|w| w.state.arm(key));
         self.parked.fetch_add(1, Ordering::Relaxed);
         self.parks_since_trim += 1;
         self.last_park = Instant::now();
@@ -489,43 +379,5 @@ mod tests {
         let size = std::mem::size_of::<Option<Waiting>>() + std::mem::size_of::<u32>();
         println!("a parked connection: {size} bytes");
         assert!(size <= 400, "{size} bytes");
-    }
-
-    #[test]
-    fn a_slot_is_found_by_its_key_only_while_it_holds_its_connection() {
-        let mut slots: Slots<u32> = Slots::default();
-        let mut keys = Vec::new();
-        for n in 0..(2 * CHUNK as u32 + 3) {
-            let (index, key) = slots.vacant().expect("room");
-            slots.fill(index, n);
-            keys.push(key);
-        }
-        assert_eq!(slots.len, 2 * CHUNK + 3);
-        assert_eq!(slots.get(keys[5]), Some(&5));
-        assert_eq!(slots.key_at(5), Some(keys[5]));
-        assert_eq!(slots.take(keys[5]), Some(5));
-        assert_eq!(
-            slots.get(keys[5]),
-            None,
-            "a key is not found once its connection left"
-        );
-        assert_eq!(slots.take(keys[5]), None);
-        // The slot is used again under another key; the old key still finds nothing.
-        let (index, key) = slots.vacant().expect("room");
-        assert_eq!(index, 5);
-        assert_ne!(key, keys[5]);
-        slots.fill(index, 500);
-        assert_eq!(slots.get(keys[5]), None);
-        assert_eq!(slots.get(key), Some(&500));
-        // A chunk whose connections have all left is freed, and made again when needed.
-        for k in &keys[CHUNK..2 * CHUNK] {
-            assert!(slots.take(*k).is_some());
-        }
-        assert!(slots.chunks[1].is_none());
-        let (index, key) = slots.vacant().expect("room");
-        assert_eq!(index as usize / CHUNK, 1);
-        slots.fill(index, 7);
-        assert_eq!(slots.get(key), Some(&7));
-        assert_eq!(slots.keys().len(), CHUNK + 4);
     }
 }

@@ -1990,6 +1990,8 @@ async fn an_oversized_packet_or_too_many_inflight_closes_only_that_connection() 
     let topics: Vec<String> = sub.snapshot().into_iter().map(|(t, _)| t).collect();
     assert_eq!(topics, ["ok/1", "ok/2"]);
     assert!(sub.errors.lock().expect("errors").is_empty());
+    // A connection's closing line is written after its client saw it close.
+    relay.wait_log("closed client connection", 4, REPLY).await;
     assert_eq!(
         relay.log_count("closed client connection"),
         4,

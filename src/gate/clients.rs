@@ -32,7 +32,6 @@ pub struct Clients {
     router: Router,
 }
 
-/// What the list shows as the protocol: version and transport.
 /// The names of protocol and transport in the list, by the code a connection is listed with.
 const PROTOCOLS: [&str; 8] = [
     "MQTT 5 tcp",
@@ -118,5 +117,19 @@ impl Clients {
             })
             .collect();
         (total, list)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_protocol_and_transport_is_named_by_its_code() {
+        let named = |v, t| PROTOCOLS[usize::from(protocol(v, t))];
+        assert_eq!(named(Version::V5, Transport::Tcp), "MQTT 5 tcp");
+        assert_eq!(named(Version::V5, Transport::Wss), "MQTT 5 wss");
+        assert_eq!(named(Version::V4, Transport::Tls), "MQTT 3.1.1 tls");
+        assert_eq!(named(Version::V4, Transport::Ws), "MQTT 3.1.1 ws");
     }
 }

@@ -690,21 +690,19 @@ impl Router {
                         }
                         removals.extend(self.end_session(st, id));
                     }
-                    let mut handle = None;
-                    st.sessions
-                        .insert(|id| {
-                            let h = SessionHandle::new(id, client_id, expiry > 0, &self.0);
-                            handle = Some(h.clone());
-                            SessionEntry {
-                                handle: h,
-                                subscriptions: Subscriptions::default(),
-                                expiry,
-                                offline_since: None,
-                                generation: 0,
-                            }
+                    // A slab of 2^32 sessions has room: `None` cannot come from connections.
+                    let handle = st
+                        .sessions
+                        .insert(|id| SessionEntry {
+                            handle: SessionHandle::new(id, client_id, expiry > 0, &self.0),
+                            subscriptions: Subscriptions::default(),
+                            expiry,
+                            offline_since: None,
+                            generation: 0,
                         })
+                        .and_then(|id| st.sessions.get(id))
+                        .map(|e| e.handle.clone())
                         .ok_or(StoreError::Closed)?;
-                    let handle = handle.ok_or(StoreError::Closed)?;
                     self.0.stats.sessions_online.fetch_add(1, Ordering::Relaxed);
                     handle
                 }

@@ -128,7 +128,7 @@ impl Parker {
     }
 
     /// The hook that wakes a parked connection by its key, for the router
-    /// ([`crate::broker::Router::set_wake_hook`]).
+    /// ([`crate::broker::router::Router::set_wake_hook`]).
     pub fn wake_hook(&self) -> Arc<dyn Wake> {
         self.hook.clone()
     }

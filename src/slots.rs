@@ -14,7 +14,7 @@ pub(crate) struct Slots<T> {
 }
 
 /// Slots per chunk.
-pub(crate) const CHUNK: usize = 64;
+const CHUNK: usize = 64;
 
 struct Chunk<T> {
     used: usize,
@@ -32,11 +32,11 @@ impl<T> Default for Slots<T> {
     }
 }
 
-pub(crate) fn key(index: u32, generation: u32) -> u64 {
+fn key(index: u32, generation: u32) -> u64 {
     (u64::from(generation) << 32) | u64::from(index)
 }
 
-pub(crate) fn index(key: u64) -> u32 {
+fn index(key: u64) -> u32 {
     key as u32
 }
 

@@ -138,7 +138,7 @@ impl Attachment {
 
 /// The part of a session its connection works with. What a session costs while its client
 /// waits is here, inline, beside its client id: a waiting connection holds this, its parked
-/// state and its entries in the router's tables (docs/BENCHMARKS.md: idle connections).
+/// state and its session's slot in the router (docs/BENCHMARKS.md: idle connections).
 pub struct SessionHandle {
     pub id: SessionId,
     pub client_id: Arc<str>,
@@ -1096,8 +1096,8 @@ impl Router {
         let size = d.size();
         let s = &self.0.settings;
         let total = self.0.queued_bytes.load(Ordering::Relaxed);
-        // The wake hook is read under the same lock as the push: a parked connection's is
-        // called below, a served connection's is none.
+        // The wake key is read under the same lock as the push: a parked connection's is
+        // given to the router's wake hook below, a served connection has none.
         let accepted = {
             let mut inner = lock(&handle.inner);
             let q = &mut inner.queue;

@@ -1124,6 +1124,13 @@ impl Conn {
                 Some(reply) = acks => {
                     quiet_since = tokio::time::Instant::now();
                     self.reply(reply)?;
+                    // The replies of one commit go out in one write, not one each.
+                    if let Some((_, acks)) = pipe.as_mut() {
+                        for _ in 1..PIPELINE {
+                            let Ok(reply) = acks.try_recv() else { break };
+                            self.reply(reply)?;
+                        }
+                    }
                 }
                 () = timer.as_mut(), if silence.is_some() || park => {
                     let now = tokio::time::Instant::now();

@@ -79,6 +79,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prost::Message;
 use tokio::sync::{oneshot, Notify};
@@ -299,9 +300,25 @@ struct Shared {
     entries: Mutex<Entries>,
     hints: Mutex<Vec<(u64, u64)>>,
     tail: Mutex<tail::Tail>,
+    /// When the newest request that is committed together with others (an append or an
+    /// entry) was queued: microseconds since `opened`. The committer sleeps until the commit
+    /// gap has passed since then.
+    queued_at: AtomicU64,
+    opened: Instant,
 }
 
 impl Shared {
+    /// Notes that an append or an entry is being queued now.
+    fn queued(&self) {
+        let us = u64::try_from(self.opened.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.queued_at.store(us, Ordering::Relaxed);
+    }
+
+    /// When the newest append or entry was queued.
+    fn last_queued(&self) -> Instant {
+        self.opened + Duration::from_micros(self.queued_at.load(Ordering::Relaxed))
+    }
+
     fn entry_bytes(&self) -> u64 {
         committer::entry_bytes(&lock(&self.entries))
     }
@@ -637,6 +654,8 @@ impl Store {
             entries: Mutex::new(rec.entries),
             hints: Mutex::new(Vec::new()),
             tail: Mutex::new(tail::Tail::default()),
+            queued_at: AtomicU64::new(0),
+            opened: Instant::now(),
         });
         tracing::info!(
             records = shared.stats.records.load(Ordering::Relaxed),
@@ -686,6 +705,7 @@ impl Store {
     /// committer's queue is full.
     pub async fn append(&self, record: &OutboxRecord) -> Result<Ticket, StoreError> {
         let (tx, rx) = oneshot::channel();
+        self.shared.queued();
         self.requests
             .send_async(Request::Append {
                 encoded: record.encode_to_vec(),
@@ -698,6 +718,7 @@ impl Store {
 
     /// Queues a record for the next commit without waiting for it (QoS 0).
     pub async fn append_nowait(&self, record: &OutboxRecord) -> Result<(), StoreError> {
+        self.shared.queued();
         self.requests
             .send_async(Request::Append {
                 encoded: record.encode_to_vec(),
@@ -748,6 +769,7 @@ impl Store {
             }
             budget.show(stats);
         }
+        self.shared.queued();
         self.requests
             .send_async(Request::Entry {
                 space: RETAINED,
@@ -786,6 +808,7 @@ impl Store {
     /// As [`Store::entry_nowait`], from code that cannot wait: `false` when the committer's
     /// queue is full or closed (the entry is not written).
     pub fn try_entry(&self, space: u8, key: Vec<u8>, value: Option<Vec<u8>>) -> bool {
+        self.shared.queued();
         self.requests
             .try_send(Request::Entry {
                 space,
@@ -813,6 +836,7 @@ impl Store {
                 });
             }
         }
+        self.shared.queued();
         self.requests
             .send_async(Request::Entry {
                 space,

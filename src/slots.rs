@@ -10,7 +10,7 @@ pub(crate) struct Slots<T> {
     /// Each slot's generation, kept while its chunk is freed.
     generations: Vec<u32>,
     free: Vec<u32>,
-    pub(crate) len: usize,
+    len: usize,
 }
 
 /// Slots per chunk.
@@ -77,6 +77,11 @@ impl<T> Slots<T> {
         self.len += 1;
     }
 
+    /// How many values it holds.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
     pub(crate) fn get(&self, key: u64) -> Option<&T> {
         let i = index(key) as usize;
         if *self.generations.get(i)? != (key >> 32) as u32 {
@@ -119,7 +124,7 @@ impl<T> Slots<T> {
         Some(value)
     }
 
-    /// The key of the connection in slot `index`, if one is there.
+    /// The key of the value in slot `index`, if one is there.
     pub(crate) fn key_at(&self, index: usize) -> Option<u64> {
         let generation = *self.generations.get(index)?;
         let index = u32::try_from(index).ok()?;
@@ -139,7 +144,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_slot_is_found_by_its_key_only_while_it_holds_its_connection() {
+    fn a_slot_is_found_by_its_key_only_while_it_holds_its_value() {
         let mut slots: Slots<u32> = Slots::default();
         let mut keys = Vec::new();
         for n in 0..(2 * CHUNK as u32 + 3) {
@@ -147,14 +152,14 @@ mod tests {
             slots.fill(index, n);
             keys.push(key);
         }
-        assert_eq!(slots.len, 2 * CHUNK + 3);
+        assert_eq!(slots.len(), 2 * CHUNK + 3);
         assert_eq!(slots.get(keys[5]), Some(&5));
         assert_eq!(slots.key_at(5), Some(keys[5]));
         assert_eq!(slots.take(keys[5]), Some(5));
         assert_eq!(
             slots.get(keys[5]),
             None,
-            "a key is not found once its connection left"
+            "a key is not found once its value left"
         );
         assert_eq!(slots.take(keys[5]), None);
         // The slot is used again under another key; the old key still finds nothing.
@@ -164,7 +169,7 @@ mod tests {
         slots.fill(index, 500);
         assert_eq!(slots.get(keys[5]), None);
         assert_eq!(slots.get(key), Some(&500));
-        // A chunk whose connections have all left is freed, and made again when needed.
+        // A chunk whose values have all left is freed, and made again when needed.
         for k in &keys[CHUNK..2 * CHUNK] {
             assert!(slots.take(*k).is_some());
         }

@@ -230,7 +230,7 @@ impl Thread {
                     Err(mpsc::TryRecvError::Empty) => break,
                     // Every handle is gone (the gate was dropped): nothing can park any more.
                     Err(mpsc::TryRecvError::Disconnected) => {
-                        if self.slots.len == 0 {
+                        if self.slots.len() == 0 {
                             return;
                         }
                         break;
@@ -275,7 +275,7 @@ impl Thread {
             }
             self.deadlines.pop();
         }
-        if self.deadlines.len() > 2 * self.slots.len + 1024 {
+        if self.deadlines.len() > 2 * self.slots.len() + 1024 {
             let mut deadlines = std::mem::take(&mut self.deadlines);
             deadlines.retain(|Reverse((at, key))| self.is_due(*at, *key));
             self.deadlines = deadlines;

@@ -77,7 +77,7 @@ impl Sessions {
     }
 
     pub(super) fn len(&self) -> usize {
-        self.slots.len
+        self.slots.len()
     }
 
     pub(super) fn values(&self) -> impl Iterator<Item = &SessionEntry> {

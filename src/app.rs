@@ -1,7 +1,7 @@
 //! Wires the components together and owns their lifetime.
 //!
 //! Start order: store (and its committer thread) → local broker → gate listener bound →
-//! uplink and downlink → serial ports and Modbus buses. Shutdown: the edges (gate listener and
+//! uplink and downlink (on the hub link thread, [`HubLink`]) → serial ports and Modbus buses. Shutdown: the edges (gate listener and
 //! connections, uplink, downlink, serial readers, Modbus pollers) are cancelled; each connection,
 //! serial port and bus hands on what it had already read, so everything accepted reaches the outbox; then the last store handle is dropped and the committer makes its final
 //! commit. The whole drain is bounded by `shutdown_grace_ms`.
@@ -34,6 +34,46 @@ use crate::uplink::{self, UplinkSettings, UplinkStatus};
 
 /// How often the broker's `$SYS` statistics are published (as Mosquitto's default).
 const SYS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The thread the hub's NATS connection, the uplink and the downlink run on: a runtime of their
+/// own, so that a commit's acknowledgements to MQTT clients never wait behind the uplink's
+/// work on the connections' workers (with one pipelining publisher, the wake from a commit to
+/// its PUBACKs took 0.4 ms when they shared them; see docs/BENCHMARKS.md).
+struct HubLink {
+    handle: tokio::runtime::Handle,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl HubLink {
+    fn start() -> anyhow::Result<HubLink> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the hub link's runtime")?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("hub-link".into())
+            .spawn(move || {
+                // Runs the tasks spawned on it until told to stop.
+                let _ = runtime.block_on(stopped);
+            })
+            .context("cannot start the hub link thread")?;
+        Ok(HubLink {
+            handle,
+            stop,
+            thread,
+        })
+    }
+
+    /// Ends the thread (its tasks have ended or had their grace period) and waits for it.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    }
+}
 
 /// Runs the relay until `stop` resolves, then drains and returns.
 pub async fn run(config: Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -108,7 +148,12 @@ pub async fn run_with(
     let mut uplink_status = None;
     let mut downlink_status = None;
     let mut hub_client = None;
-    if let Some(u) = &config.uplink {
+    let hub_link = match &config.uplink {
+        Some(_) => Some(HubLink::start()?),
+        None => None,
+    };
+    if let (Some(u), Some(link)) = (&config.uplink, &hub_link) {
+        let hub = &link.handle;
         let settings = UplinkSettings {
             relay: config.relay.name.clone(),
             urls: u.url.clone(),
@@ -136,7 +181,13 @@ pub async fn run_with(
         }
         let status = Arc::new(UplinkStatus::default());
         uplink_status = Some(status.clone());
-        let client = uplink::connect(&settings, status.clone()).await?;
+        let client = {
+            let settings = settings.clone();
+            let status = status.clone();
+            hub.spawn(async move { uplink::connect(&settings, status).await })
+                .await
+                .context("the hub link thread failed")??
+        };
         if !config.import.is_empty() {
             // Retained messages from the hub are kept on flash, as a client's are.
             let publisher = LocalPublisher::new(&router, Origin::Hub)
@@ -150,23 +201,23 @@ pub async fn run_with(
             };
             let status = Arc::new(DownlinkStatus::default());
             downlink_status = Some(status.clone());
-            tracker.spawn(downlink::run(
+            hub.spawn(tracker.track_future(downlink::run(
                 down,
                 client.clone(),
                 publisher,
                 status,
                 shutdown.clone(),
-            ));
+            )));
         }
         hub_client = Some((client.clone(), u.subject_prefix.clone(), u.status_interval));
-        tracker.spawn(uplink::run_with_heartbeat(
+        hub.spawn(tracker.track_future(uplink::run_with_heartbeat(
             settings,
             client,
             store.clone(),
             status,
             shutdown.clone(),
             liveness.heartbeat("uplink"),
-        ));
+        )));
     }
     let mut serial_stats = Vec::new();
     if !config.serial.is_empty() {
@@ -217,19 +268,20 @@ pub async fn run_with(
     });
     tracker.spawn(admin::live::run(sources.clone(), shutdown.clone()));
     serve_admin(&config.admin, &sources, &tracker, &shutdown).await;
-    if let Some((client, prefix, interval)) = hub_client {
+    if let (Some((client, prefix, interval)), Some(link)) = (hub_client, &hub_link) {
         let make = {
             let sources = sources.clone();
             move || prost::Message::encode_to_vec(&sources.to_proto())
         };
-        tracker.spawn(uplink::publish_status(
-            client,
-            config.relay.name.clone(),
-            prefix,
-            interval,
-            make,
-            shutdown.clone(),
-        ));
+        link.handle
+            .spawn(tracker.track_future(uplink::publish_status(
+                client,
+                config.relay.name.clone(),
+                prefix,
+                interval,
+                make,
+                shutdown.clone(),
+            )));
     }
     drop(sources);
     // The router holds a store handle too: the committer's last commit comes once every
@@ -263,6 +315,9 @@ pub async fn run_with(
     let joined = tokio::time::timeout(grace, tokio::task::spawn_blocking(move || committer.join()))
         .await
         .is_ok();
+    if let Some(link) = hub_link {
+        link.stop().await;
+    }
     let s = &stats;
     tracing::info!(
         appended = s.appended.load(Ordering::Relaxed),

@@ -1,7 +1,8 @@
 //! Wires the components together and owns their lifetime.
 //!
 //! Start order: store (and its committer thread) → local broker → gate listener bound →
-//! uplink and downlink (on the hub link thread, [`HubLink`]) → serial ports and Modbus buses. Shutdown: the edges (gate listener and
+//! uplink and downlink (on the hub link thread, [`HubLink`]) → serial ports and Modbus buses.
+//! Shutdown: the edges (gate listener and
 //! connections, uplink, downlink, serial readers, Modbus pollers) are cancelled; each connection,
 //! serial port and bus hands on what it had already read, so everything accepted reaches the outbox; then the last store handle is dropped and the committer makes its final
 //! commit. The whole drain is bounded by `shutdown_grace_ms`.
@@ -148,10 +149,7 @@ pub async fn run_with(
     let mut uplink_status = None;
     let mut downlink_status = None;
     let mut hub_client = None;
-    let hub_link = match &config.uplink {
-        Some(_) => Some(HubLink::start()?),
-        None => None,
-    };
+    let hub_link = config.uplink.is_some().then(HubLink::start).transpose()?;
     if let (Some(u), Some(link)) = (&config.uplink, &hub_link) {
         let hub = &link.handle;
         let settings = UplinkSettings {
@@ -311,13 +309,15 @@ pub async fn run_with(
             "shutdown grace period over; stopping with tasks still running"
         );
     }
+    // Tasks of the hub link still running after the grace period are dropped with its runtime,
+    // and with them their store handles.
+    if let Some(link) = hub_link {
+        link.stop().await;
+    }
     // The committer ends when the last store handle is gone, after its final commit.
     let joined = tokio::time::timeout(grace, tokio::task::spawn_blocking(move || committer.join()))
         .await
         .is_ok();
-    if let Some(link) = hub_link {
-        link.stop().await;
-    }
     let s = &stats;
     tracing::info!(
         appended = s.appended.load(Ordering::Relaxed),

@@ -41,7 +41,7 @@ use crate::broker::topic::{self, Filter};
 use crate::broker::tree::SubOptions;
 use crate::mapping::TopicFilter;
 use crate::proto::{Header, Origin as RecordOrigin, OutboxRecord};
-use crate::store::{Store, StoreError, Ticket};
+use crate::store::{Reading, Store, StoreError, Ticket};
 
 /// State shared by every connection of one gate.
 pub struct Shared {
@@ -335,11 +335,13 @@ pub(super) fn resume(p: Parked) -> std::pin::Pin<Box<dyn std::future::Future<Out
         }
     })
 }
-/// Reads one whole packet; `None` at a clean end of stream.
+/// Reads one whole packet; `None` at a clean end of stream. `reading` is the burst of packets
+/// under way (see [`Reading`]): it ends when the socket has nothing more to read.
 async fn read_packet<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     max: usize,
+    reading: &mut Option<Reading>,
 ) -> Result<Option<Bytes>, ConnError> {
     loop {
         if let Some(f) = codec::frame(buf, max)? {
@@ -350,7 +352,7 @@ async fn read_packet<R: AsyncRead + Unpin>(
             // read buffer (packets still in use keep theirs).
             *buf = BytesMut::new();
         }
-        if read_some(rd, buf).await? == 0 {
+        if read_some(rd, buf, reading).await? == 0 {
             return if buf.is_empty() {
                 Ok(None)
             } else {
@@ -365,12 +367,22 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Reads what the socket has (up to [`READ_CHUNK`]) and appends it to `buf`. The bytes pass
 /// through a buffer on the stack of the poll, not in the connection's state, so a waiting
-/// connection holds none.
-async fn read_some<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> std::io::Result<usize> {
+/// connection holds none. When the socket has nothing yet, the burst in `reading` ends.
+async fn read_some<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    reading: &mut Option<Reading>,
+) -> std::io::Result<usize> {
     std::future::poll_fn(|cx| {
         let mut space = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
         let mut chunk = tokio::io::ReadBuf::uninit(&mut space);
-        std::task::ready!(std::pin::Pin::new(&mut *rd).poll_read(cx, &mut chunk))?;
+        match std::pin::Pin::new(&mut *rd).poll_read(cx, &mut chunk) {
+            std::task::Poll::Ready(r) => r?,
+            std::task::Poll::Pending => {
+                *reading = None;
+                return std::task::Poll::Pending;
+            }
+        }
         buf.extend_from_slice(chunk.filled());
         std::task::Poll::Ready(Ok(chunk.filled().len()))
     })
@@ -385,14 +397,14 @@ async fn read_connect<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<Option<Bytes>, ConnError> {
     while buf.is_empty() {
-        if read_some(rd, buf).await? == 0 {
+        if read_some(rd, buf, &mut None).await? == 0 {
             return Ok(None);
         }
     }
     if buf[0] != 0x10 {
         return Err(CodecError::NotConnect.into());
     }
-    read_packet(rd, buf, max).await
+    read_packet(rd, buf, max, &mut None).await
 }
 
 /// Serves a client that is in until the connection ends, or until it parks.
@@ -1091,6 +1103,8 @@ impl Conn {
         let timer = tokio::time::sleep_until(next_wake(self.deadline, quiet_since, self.spoke));
         tokio::pin!(timer);
         let handle = self.handle.clone();
+        // The burst of the client's packets being read, if one is under way.
+        let mut reading: Option<Reading> = None;
         loop {
             self.fill();
             self.flush(wr).await?;
@@ -1151,7 +1165,7 @@ impl Conn {
                 () = handle.notified(), if can_send => {
                     quiet_since = tokio::time::Instant::now();
                 }
-                r = read_packet(rd, buf, max) => {
+                r = read_packet(rd, buf, max, &mut reading) => {
                     let packet = match r {
                         Ok(Some(p)) => p,
                         Ok(None) => return Ok(Inner::End),
@@ -1165,6 +1179,10 @@ impl Conn {
                     quiet_since = tokio::time::Instant::now();
                     self.spoke = true;
                     self.deadline = silence.map(|s| quiet_since + s);
+                    let reading = reading.get_or_insert_with(|| self.shared.store.reading());
+                    if codec::awaits_ack(&packet) {
+                        reading.awaits();
+                    }
                     let pending = pipe.as_ref().map(|(p, _)| *p);
                     // Boxed: what handling a packet needs is not carried while waiting.
                     match Box::pin(self.packet(&packet, pending)).await {

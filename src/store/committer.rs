@@ -228,6 +228,8 @@ impl Inner {
 
     pub(super) fn run(mut self, heartbeat: &Heartbeat) {
         precise_sleeps();
+        // Only the first committer of a store runs; a second would find it set.
+        let _ = self.shared.committer.set(std::thread::current());
         loop {
             heartbeat.beat();
             let first = match self.requests.recv_timeout(HOUSEKEEPING_EVERY) {
@@ -252,10 +254,14 @@ impl Inner {
     /// append or an entry) more, until none was queued for the gap, the window has passed or
     /// the batch is full. The thread sleeps until the gap has passed since the newest request
     /// was queued instead of waking for each one: senders then only queue, and a pipelining
-    /// client's burst costs a wake or two, not one per record.
+    /// client's burst costs a wake or two, not one per record. A pipelining client that has
+    /// sent all it will until its appends are acknowledged ends the wait early (see
+    /// [`super::Reading`]), once no connection is still reading.
     fn gather(&mut self, batch: &mut Batch) {
         let deadline = Instant::now() + self.window;
         loop {
+            let eager = self.shared.eager.load(Ordering::Acquire)
+                && self.shared.reading.load(Ordering::Acquire) == 0;
             while batch.durable_len() < self.max_records {
                 match self.requests.try_recv() {
                     Ok(r) => add(batch, r),
@@ -263,16 +269,17 @@ impl Inner {
                 }
             }
             // Deletes alone need not wait for company.
-            if batch.durable_len() == 0 || batch.durable_len() >= self.max_records {
-                return;
+            if eager || batch.durable_len() == 0 || batch.durable_len() >= self.max_records {
+                break;
             }
             let now = Instant::now();
             let quiet = (self.shared.last_queued() + self.gap).min(deadline);
             if quiet <= now {
-                return;
+                break;
             }
-            std::thread::sleep(quiet - now);
+            std::thread::park_timeout(quiet - now);
         }
+        self.shared.eager.store(false, Ordering::Release);
     }
 
     fn front(&self) -> std::sync::MutexGuard<'_, super::front::Front> {

@@ -77,8 +77,8 @@ pub mod users;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -305,6 +305,13 @@ struct Shared {
     /// gap has passed since then.
     queued_at: AtomicU64,
     opened: Instant,
+    /// Connections reading what their clients sent now (see [`Reading`]).
+    reading: AtomicUsize,
+    /// A client with many appends waiting for the commit has sent all it will until they are
+    /// acknowledged: the commit need not wait out the gap once no connection is reading.
+    eager: AtomicBool,
+    /// The committer's thread, woken when `eager` is set.
+    committer: OnceLock<std::thread::Thread>,
 }
 
 impl Shared {
@@ -420,6 +427,43 @@ type ReadBatch = (Vec<(u64, OutboxRecord)>, Vec<u64>);
 pub struct Store {
     shared: Arc<Shared>,
     requests: flume::Sender<Request>,
+}
+
+/// Appends from one burst of a client's packets at or above which the client is taken to be
+/// pipelining: it sent a window's worth and now waits for their acknowledgements.
+pub const PIPELINED_BURST: u32 = 8;
+
+/// A connection that is reading a burst of its client's packets, from the first packet read
+/// after a pause until its read buffer holds no whole packet and the socket had no more. While
+/// any connection is reading, a commit waits out the gap (its appends may belong in the batch).
+/// Dropping it ends the burst; when the burst appended [`PIPELINED_BURST`] or more records
+/// whose sender waits for the commit, the client now waits for them, and the commit goes as
+/// soon as no other connection is reading.
+pub struct Reading {
+    shared: Arc<Shared>,
+    awaited: u32,
+}
+
+impl Reading {
+    /// Counts an append of this burst whose sender waits for the commit.
+    pub fn awaits(&mut self) {
+        self.awaited = self.awaited.saturating_add(1);
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        // The appends were queued before this: whoever sees the count fall sees them.
+        if self.awaited >= PIPELINED_BURST {
+            self.shared.eager.store(true, Ordering::Release);
+        }
+        let left = self.shared.reading.fetch_sub(1, Ordering::AcqRel) - 1;
+        if left == 0 && self.shared.eager.load(Ordering::Acquire) {
+            if let Some(committer) = self.shared.committer.get() {
+                committer.unpark();
+            }
+        }
+    }
 }
 
 /// The group committer, to be run on a thread of its own by [`Committer::run`].
@@ -656,6 +700,9 @@ impl Store {
             tail: Mutex::new(tail::Tail::default()),
             queued_at: AtomicU64::new(0),
             opened: Instant::now(),
+            reading: AtomicUsize::new(0),
+            eager: AtomicBool::new(false),
+            committer: OnceLock::new(),
         });
         tracing::info!(
             records = shared.stats.records.load(Ordering::Relaxed),
@@ -699,6 +746,16 @@ impl Store {
     /// The counters, readable after the store is closed.
     pub fn stats_handle(&self) -> Arc<OutboxStats> {
         self.shared.stats.clone()
+    }
+
+    /// Notes that a connection begins reading a burst of its client's packets (see
+    /// [`Reading`]).
+    pub fn reading(&self) -> Reading {
+        self.shared.reading.fetch_add(1, Ordering::AcqRel);
+        Reading {
+            shared: self.shared.clone(),
+            awaited: 0,
+        }
     }
 
     /// Queues a record for the next commit and returns its ticket. Waits only when the

@@ -750,3 +750,65 @@ async fn a_run_of_deleted_records_is_passed_over_within_max() {
     assert_eq!(reads(s.store.clone()).await, want, "from the log");
     s.close();
 }
+
+/// A commit waits out the gap for company unless a pipelining client has sent all it will:
+/// once a burst that appended [`PIPELINED_BURST`] records waiting for the commit has ended and
+/// no other connection is reading, the commit goes at once. A shorter burst, or one while
+/// another connection is still reading, leaves the batch to the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelining_clients_burst_is_committed_without_waiting_out_the_gap() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let long = Duration::from_secs(30);
+    let config = OutboxConfig {
+        commit_window_us: long.as_micros() as u64,
+        commit_gap_us: long.as_micros() as u64,
+        ..OutboxConfig::default()
+    };
+    let s = Open::new(dir.path(), &config);
+    let pending = |t: &mut Ticket| {
+        matches!(
+            t.0.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        )
+    };
+    let burst = async |n: u64, from: u64| {
+        let mut reading = s.store.reading();
+        let mut tickets = Vec::new();
+        for i in 0..n {
+            tickets.push(s.store.append(&record(from + i)).await.expect("append"));
+            reading.awaits();
+        }
+        (reading, tickets)
+    };
+
+    // Short of a pipelined burst: the batch waits for the gap.
+    let (reading, mut short) = burst(u64::from(PIPELINED_BURST) - 1, 0).await;
+    drop(reading);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        short.iter_mut().all(pending),
+        "a short burst waits for the gap"
+    );
+
+    // A pipelined burst while another connection reads: still the gap.
+    let other = s.store.reading();
+    let (reading, mut long_burst) = burst(u64::from(PIPELINED_BURST), 100).await;
+    drop(reading);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        long_burst.iter_mut().all(pending),
+        "a connection still reading holds the commit"
+    );
+
+    // The other connection's burst ends: everything queued is committed, well within the gap.
+    drop(other);
+    let started = Instant::now();
+    for t in short.into_iter().chain(long_burst) {
+        tokio::time::timeout(Duration::from_secs(10), t.durable())
+            .await
+            .expect("committed before the gap")
+            .expect("durable");
+    }
+    assert!(started.elapsed() < long / 2);
+    s.close();
+}

@@ -41,7 +41,7 @@ use crate::broker::topic::{self, Filter};
 use crate::broker::tree::SubOptions;
 use crate::mapping::TopicFilter;
 use crate::proto::{Header, Origin as RecordOrigin, OutboxRecord};
-use crate::store::{Reading, Store, StoreError, Ticket};
+use crate::store::{Pipelining, Reading, Store, StoreError, Ticket};
 
 /// State shared by every connection of one gate.
 pub struct Shared {
@@ -335,13 +335,32 @@ pub(super) fn resume(p: Parked) -> std::pin::Pin<Box<dyn std::future::Future<Out
         }
     })
 }
-/// Reads one whole packet; `None` at a clean end of stream. `reading` is the burst of packets
-/// under way (see [`Reading`]): it ends when the socket has nothing more to read.
+/// A connection's part in when the store commits (see [`Reading`]): the burst of its client's
+/// packets being read, if one is under way, whether the client was pipelining when the last
+/// one ended, and its publishes waiting for acknowledgement as last noted.
+#[derive(Default)]
+struct Burst {
+    reading: Option<Reading>,
+    pipelining: Option<Pipelining>,
+    waiting: usize,
+}
+
+impl Burst {
+    /// The socket has nothing more: the burst under way ends.
+    fn end(&mut self) {
+        if let Some(reading) = self.reading.take() {
+            self.pipelining = reading.end(self.pipelining.take(), self.waiting);
+        }
+    }
+}
+
+/// Reads one whole packet; `None` at a clean end of stream. The burst under way ends when the
+/// socket has nothing more to read.
 async fn read_packet<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
     max: usize,
-    reading: &mut Option<Reading>,
+    burst: &mut Burst,
 ) -> Result<Option<Bytes>, ConnError> {
     loop {
         if let Some(f) = codec::frame(buf, max)? {
@@ -352,7 +371,7 @@ async fn read_packet<R: AsyncRead + Unpin>(
             // read buffer (packets still in use keep theirs).
             *buf = BytesMut::new();
         }
-        if read_some(rd, buf, reading).await? == 0 {
+        if read_some(rd, buf, burst).await? == 0 {
             return if buf.is_empty() {
                 Ok(None)
             } else {
@@ -367,11 +386,11 @@ const READ_CHUNK: usize = 16 * 1024;
 
 /// Reads what the socket has (up to [`READ_CHUNK`]) and appends it to `buf`. The bytes pass
 /// through a buffer on the stack of the poll, not in the connection's state, so a waiting
-/// connection holds none. When the socket has nothing yet, the burst in `reading` ends.
+/// connection holds none. When the socket has nothing yet, the burst ends.
 async fn read_some<R: AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
-    reading: &mut Option<Reading>,
+    burst: &mut Burst,
 ) -> std::io::Result<usize> {
     std::future::poll_fn(|cx| {
         let mut space = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
@@ -379,7 +398,7 @@ async fn read_some<R: AsyncRead + Unpin>(
         match std::pin::Pin::new(&mut *rd).poll_read(cx, &mut chunk) {
             std::task::Poll::Ready(r) => r?,
             std::task::Poll::Pending => {
-                *reading = None;
+                burst.end();
                 return std::task::Poll::Pending;
             }
         }
@@ -397,14 +416,14 @@ async fn read_connect<R: AsyncRead + Unpin>(
     max: usize,
 ) -> Result<Option<Bytes>, ConnError> {
     while buf.is_empty() {
-        if read_some(rd, buf, &mut None).await? == 0 {
+        if read_some(rd, buf, &mut Burst::default()).await? == 0 {
             return Ok(None);
         }
     }
     if buf[0] != 0x10 {
         return Err(CodecError::NotConnect.into());
     }
-    read_packet(rd, buf, max, &mut None).await
+    read_packet(rd, buf, max, &mut Burst::default()).await
 }
 
 /// Serves a client that is in until the connection ends, or until it parks.
@@ -1103,8 +1122,7 @@ impl Conn {
         let timer = tokio::time::sleep_until(next_wake(self.deadline, quiet_since, self.spoke));
         tokio::pin!(timer);
         let handle = self.handle.clone();
-        // The burst of the client's packets being read, if one is under way.
-        let mut reading: Option<Reading> = None;
+        let mut burst = Burst::default();
         loop {
             self.fill();
             self.flush(wr).await?;
@@ -1115,6 +1133,7 @@ impl Conn {
                 d.qos == 0 || d.released || flows.out.len() < usize::from(self.receive_maximum)
             });
             let can_send = flows.held.is_empty();
+            burst.waiting = self.inflight_in;
             let acks = async {
                 match pipe.as_mut() {
                     Some((_, acks)) => acks.recv().await,
@@ -1165,7 +1184,7 @@ impl Conn {
                 () = handle.notified(), if can_send => {
                     quiet_since = tokio::time::Instant::now();
                 }
-                r = read_packet(rd, buf, max, &mut reading) => {
+                r = read_packet(rd, buf, max, &mut burst) => {
                     let packet = match r {
                         Ok(Some(p)) => p,
                         Ok(None) => return Ok(Inner::End),
@@ -1179,9 +1198,8 @@ impl Conn {
                     quiet_since = tokio::time::Instant::now();
                     self.spoke = true;
                     self.deadline = silence.map(|s| quiet_since + s);
-                    let reading = reading.get_or_insert_with(|| self.shared.store.reading());
-                    if codec::awaits_ack(&packet) {
-                        reading.awaits();
+                    if burst.reading.is_none() {
+                        burst.reading = Some(self.shared.store.reading());
                     }
                     let pending = pipe.as_ref().map(|(p, _)| *p);
                     // Boxed: what handling a packet needs is not carried while waiting.

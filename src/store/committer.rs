@@ -255,13 +255,14 @@ impl Inner {
     /// the batch is full. The thread sleeps until the gap has passed since the newest request
     /// was queued instead of waking for each one: senders then only queue, and a pipelining
     /// client's burst costs a wake or two, not one per record. A pipelining client that has
-    /// sent all it will until its appends are acknowledged ends the wait early (see
-    /// [`super::Reading`]), once no connection is still reading.
+    /// sent all it will until its appends are acknowledged ends the wait early when it is the
+    /// only one pipelining (see [`super::Reading`]), once no connection is still reading.
     fn gather(&mut self, batch: &mut Batch) {
         let deadline = Instant::now() + self.window;
         loop {
             let eager = self.shared.eager.load(Ordering::Acquire)
-                && self.shared.reading.load(Ordering::Acquire) == 0;
+                && self.shared.reading.load(Ordering::Acquire) == 0
+                && self.shared.pipelining.load(Ordering::Acquire) <= 1;
             while batch.durable_len() < self.max_records {
                 match self.requests.try_recv() {
                     Ok(r) => add(batch, r),

@@ -310,6 +310,8 @@ struct Shared {
     /// A client with many appends waiting for the commit has sent all it will until they are
     /// acknowledged: the commit need not wait out the gap once no connection is reading.
     eager: AtomicBool,
+    /// Connections whose last burst was pipelined (see [`Pipelining`]).
+    pipelining: AtomicUsize,
     /// The committer's thread, woken when `eager` is set.
     committer: OnceLock<std::thread::Thread>,
 }
@@ -429,32 +431,57 @@ pub struct Store {
     requests: flume::Sender<Request>,
 }
 
-/// Appends from one burst of a client's packets at or above which the client is taken to be
-/// pipelining: it sent a window's worth and now waits for their acknowledgements.
-pub const PIPELINED_BURST: u32 = 8;
+/// QoS 1/2 publishes a client has waiting for acknowledgement, at or above which it is taken
+/// to be pipelining: it sent a window's worth and waits for them before sending more.
+pub const PIPELINED: usize = 8;
 
 /// A connection that is reading a burst of its client's packets, from the first packet read
-/// after a pause until its read buffer holds no whole packet and the socket had no more. While
-/// any connection is reading, a commit waits out the gap (its appends may belong in the batch).
-/// Dropping it ends the burst; when the burst appended [`PIPELINED_BURST`] or more records
-/// whose sender waits for the commit, the client now waits for them, and the commit goes as
-/// soon as no other connection is reading.
+/// after a pause until the socket has nothing more. While any connection is reading, a commit
+/// waits out the gap (its appends may belong in the batch). A burst that ends with
+/// [`PIPELINED`] or more of the client's publishes waiting leaves the client waiting for the
+/// commit: when it is the only client pipelining, the commit then goes as soon as no
+/// connection is reading. With several pipelining clients the gap gathers their bursts into one
+/// commit (fewer commits for the same records, and the cores left to the rest of the path).
 pub struct Reading {
     shared: Arc<Shared>,
-    awaited: u32,
+    eager: bool,
+}
+
+/// A connection whose client was pipelining when its last burst ended (see [`Reading`]);
+/// counted while it lives.
+pub struct Pipelining {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Pipelining {
+    fn drop(&mut self) {
+        self.shared.pipelining.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Reading {
-    /// Counts an append of this burst whose sender waits for the commit.
-    pub fn awaits(&mut self) {
-        self.awaited = self.awaited.saturating_add(1);
+    /// Ends the burst with `waiting` of the client's publishes waiting for acknowledgement.
+    /// `was` is the connection's standing after its last burst; the new one is returned.
+    pub fn end(mut self, was: Option<Pipelining>, waiting: usize) -> Option<Pipelining> {
+        if waiting < PIPELINED {
+            return None;
+        }
+        self.eager = true;
+        // Counted before the flag is set (as `self` drops), so the committer never sees the
+        // flag without the count.
+        was.or_else(|| {
+            self.shared.pipelining.fetch_add(1, Ordering::AcqRel);
+            Some(Pipelining {
+                shared: self.shared.clone(),
+            })
+        })
     }
 }
 
 impl Drop for Reading {
     fn drop(&mut self) {
-        // The appends were queued before this: whoever sees the count fall sees them.
-        if self.awaited >= PIPELINED_BURST {
+        // The burst's appends were queued before this: whoever sees the count fall sees them.
+        if self.eager {
             self.shared.eager.store(true, Ordering::Release);
         }
         let left = self.shared.reading.fetch_sub(1, Ordering::AcqRel) - 1;
@@ -702,6 +729,7 @@ impl Store {
             opened: Instant::now(),
             reading: AtomicUsize::new(0),
             eager: AtomicBool::new(false),
+            pipelining: AtomicUsize::new(0),
             committer: OnceLock::new(),
         });
         tracing::info!(
@@ -754,7 +782,7 @@ impl Store {
         self.shared.reading.fetch_add(1, Ordering::AcqRel);
         Reading {
             shared: self.shared.clone(),
-            awaited: 0,
+            eager: false,
         }
     }
 

@@ -752,9 +752,10 @@ async fn a_run_of_deleted_records_is_passed_over_within_max() {
 }
 
 /// A commit waits out the gap for company unless a pipelining client has sent all it will:
-/// once a burst that appended [`PIPELINED_BURST`] records waiting for the commit has ended and
-/// no other connection is reading, the commit goes at once. A shorter burst, or one while
-/// another connection is still reading, leaves the batch to the gap.
+/// once a burst that ends with [`PIPELINED`] of its client's publishes waiting is over and no
+/// other connection is reading, the commit goes at once. A burst with fewer waiting, one while
+/// another connection is still reading, or one while another client is pipelining too leaves
+/// the batch to the gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipelining_clients_burst_is_committed_without_waiting_out_the_gap() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -771,39 +772,51 @@ async fn a_pipelining_clients_burst_is_committed_without_waiting_out_the_gap() {
             Err(tokio::sync::oneshot::error::TryRecvError::Empty)
         )
     };
-    let burst = async |n: u64, from: u64| {
-        let mut reading = s.store.reading();
+    let burst = async |n: usize, from: u64| {
+        let reading = s.store.reading();
         let mut tickets = Vec::new();
-        for i in 0..n {
+        for i in 0..n as u64 {
             tickets.push(s.store.append(&record(from + i)).await.expect("append"));
-            reading.awaits();
         }
         (reading, tickets)
     };
+    let settle = || tokio::time::sleep(Duration::from_millis(300));
 
-    // Short of a pipelined burst: the batch waits for the gap.
-    let (reading, mut short) = burst(u64::from(PIPELINED_BURST) - 1, 0).await;
-    drop(reading);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Short of pipelining: the batch waits for the gap.
+    let (reading, mut short) = burst(PIPELINED - 1, 0).await;
+    assert!(reading.end(None, PIPELINED - 1).is_none());
+    settle().await;
     assert!(
         short.iter_mut().all(pending),
         "a short burst waits for the gap"
     );
 
-    // A pipelined burst while another connection reads: still the gap.
+    // Pipelining while another connection reads: still the gap.
     let other = s.store.reading();
-    let (reading, mut long_burst) = burst(u64::from(PIPELINED_BURST), 100).await;
-    drop(reading);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (reading, mut piped) = burst(PIPELINED, 100).await;
+    let standing = reading.end(None, PIPELINED);
+    assert!(standing.is_some(), "the client is pipelining");
+    settle().await;
     assert!(
-        long_burst.iter_mut().all(pending),
+        piped.iter_mut().all(pending),
         "a connection still reading holds the commit"
     );
 
-    // The other connection's burst ends: everything queued is committed, well within the gap.
-    drop(other);
+    // ... and while another client is pipelining too, once the other burst ended.
+    let also = other.end(None, PIPELINED);
+    settle().await;
+    assert!(
+        piped.iter_mut().all(pending),
+        "two pipelining clients leave the batch to the gap"
+    );
+
+    // The other client stops pipelining: the next burst's end commits everything queued, well
+    // within the gap.
+    drop(also);
+    let (reading, more) = burst(PIPELINED, 200).await;
+    let _standing = reading.end(standing, PIPELINED);
     let started = Instant::now();
-    for t in short.into_iter().chain(long_burst) {
+    for t in short.into_iter().chain(piped).chain(more) {
         tokio::time::timeout(Duration::from_secs(10), t.durable())
             .await
             .expect("committed before the gap")

@@ -307,10 +307,11 @@ struct Shared {
     opened: Instant,
     /// Connections reading what their clients sent now (see [`Reading`]).
     reading: AtomicUsize,
-    /// A client with many appends waiting for the commit has sent all it will until they are
-    /// acknowledged: the commit need not wait out the gap once no connection is reading.
+    /// A pipelining client's burst has ended: it has sent all it will until its publishes are
+    /// acknowledged, so the commit need not wait out the gap once no connection is reading and
+    /// no other client is pipelining.
     eager: AtomicBool,
-    /// Connections whose last burst was pipelined (see [`Pipelining`]).
+    /// Connections whose client was pipelining when its last burst ended (see [`Pipelining`]).
     pipelining: AtomicUsize,
     /// The committer's thread, woken when `eager` is set.
     committer: OnceLock<std::thread::Thread>,

@@ -106,14 +106,6 @@ pub fn frame(buf: &[u8], max_packet_size: usize) -> Result<Option<Frame>, CodecE
     Err(malformed("remaining length longer than four bytes"))
 }
 
-/// Whether a framed packet is a PUBLISH of QoS 1 or 2, which its sender waits to have
-/// acknowledged.
-pub fn awaits_ack(packet: &[u8]) -> bool {
-    packet
-        .first()
-        .is_some_and(|&b| b >> 4 == 3 && b & 0x06 != 0)
-}
-
 /// A client's CONNECT, whatever its version.
 #[derive(Debug, Clone)]
 pub struct Connect {
